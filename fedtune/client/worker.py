@@ -1,0 +1,48 @@
+"""What a client process keeps between rounds: the model (built once) and its own encoded
+data. Simulation actors and deployed SuperNodes both reuse a worker across messages."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedtune.config import DataConfig, ModelConfig, PartitionConfig, RunConfig
+from fedtune.data import client_data, load_dataset
+from fedtune.modeling import build_model, load_tokenizer
+from fedtune.training import Encoded, encode
+
+
+@dataclass(frozen=True)
+class LocalData:
+    train: Encoded
+    val: Encoded
+
+
+@functools.lru_cache(maxsize=2)
+def _model(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
+    return build_model(cfg, num_labels, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _data(data: DataConfig, part: PartitionConfig, model_name: str, seed: int, client: int) -> LocalData:
+    tok = load_tokenizer(model_name)
+    cd = client_data(data, part, seed, client)
+    return LocalData(encode(tok, cd.train, data.max_length), encode(tok, cd.val, data.max_length))
+
+
+@dataclass
+class Worker:
+    model: nn.Module
+    data: LocalData
+    pad_id: int
+
+
+def get_worker(cfg: RunConfig, client: int) -> Worker:
+    torch.set_num_threads(cfg.federation.client_cpus)
+    num_labels = load_dataset(cfg.data).num_labels
+    model = _model(cfg.model, num_labels, cfg.federation.seed)
+    data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client)
+    return Worker(model, data, load_tokenizer(cfg.model.model).pad_token_id or 0)

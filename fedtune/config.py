@@ -1,0 +1,241 @@
+"""Run configuration: frozen dataclasses, validated once at the boundary.
+
+Keys are flat and hyphenated, as in Flower's run config (``--set lora-rank=4``); each
+section's field ``lora_rank`` is the key ``lora-rank``. A config is built from a preset,
+then a TOML file, then ``--set`` overrides, in that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value {key}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "20newsgroups"  # a registered name, or a path to a .csv/.tsv file
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str = "group"  # the real attribute used by partition=natural
+    test_fraction: float = 0.2  # only for files without a 'split' column
+    max_length: int = 128  # tokens per example
+    train_size: int = 0  # 0 = the whole training split; else a seeded subset
+    eval_size: int = 1000  # server-side test examples per round; 0 = the whole test split
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.test_fraction < 1.0, "test-fraction", self.test_fraction, "must be in (0, 1)")
+        _require(8 <= self.max_length <= 4096, "max-length", self.max_length, "must be in [8, 4096]")
+        _require(self.train_size >= 0, "train-size", self.train_size, "must be >= 0")
+        _require(self.eval_size >= 0, "eval-size", self.eval_size, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    partition: str = "dirichlet"  # iid | dirichlet | natural
+    num_clients: int = 10
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    val_fraction: float = 0.1  # each client's local held-out share, for client-side evaluation
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients >= 1, "num-clients", self.num_clients, "must be >= 1")
+        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
+        _require(self.min_partition_size >= 0, "min-partition-size", self.min_partition_size, "must be >= 0")
+        _require(0.0 <= self.val_fraction < 1.0, "val-fraction", self.val_fraction, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "minilm"  # 'minilm' (bundled), 'tiny' (built from a config), a HF id or a path
+    adapter: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    use_rslora: bool = False  # scaling alpha/sqrt(r) (Kalajdzievski, 2023) instead of alpha/r
+
+    def __post_init__(self) -> None:
+        _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be a positive integer")
+        _require(0.0 < self.lora_alpha <= 4096, "lora-alpha", self.lora_alpha, "must be in (0, 4096]")
+        _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "target-modules", self.target_modules, "must name at least one module")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 8  # optimizer steps per client per round (used when local-epochs = 0)
+    local_epochs: float = 0.0  # > 0: passes over the local data instead of local-steps
+    batch_size: int = 16
+    lr: float = 2e-3  # AdamW learning rate of the adapter
+    head_lr: float = 1e-2  # AdamW learning rate of the classification head
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up within each local run
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
+        _require(self.local_epochs >= 0, "local-epochs", self.local_epochs, "must be >= 0")
+        _require(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
+        _require(0.0 < self.lr < 1.0, "lr", self.lr, "must be in (0, 1)")
+        _require(0.0 < self.head_lr < 10.0, "head-lr", self.head_lr, "must be in (0, 10)")
+        _require(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0")
+        _require(self.warmup_steps >= 0, "warmup-steps", self.warmup_steps, "must be >= 0")
+        _require(self.eval_batch_size >= 1, "eval-batch-size", self.eval_batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: str = "fedavg"
+    rounds: int = 4
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.3
+    min_train_nodes: int = 2
+    server_lr: float = 1.0  # server optimiser step on the averaged update (FedOpt, Reddi et al., 2021)
+    server_momentum: float = 0.0  # fedavgm
+    seed: int = 0
+    client_cpus: int = 2  # CPU cores per virtual client (Flower's client_resources.num_cpus)
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        _require(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "must be in (0, 1]")
+        _require(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        _require(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, "must be >= 1")
+        _require(self.server_lr > 0, "server-lr", self.server_lr, "must be > 0")
+        _require(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "must be in [0, 1)")
+        _require(self.client_cpus >= 1, "client-cpus", self.client_cpus, "must be >= 1")
+        _require(self.client_gpus >= 0, "client-gpus", self.client_gpus, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    # -- flat views -------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """{'lora-rank': 8, ...}: the form written to config.toml/json and sent to clients."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                out[_key(f.name)] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return build_config(overrides=json.loads(text))
+
+    def replace(self, **flat: Any) -> RunConfig:
+        """A copy with some flat keys changed, validated like any other input."""
+        return build_config(base=self, overrides=flat)
+
+
+SECTIONS = ("data", "partition", "model", "train", "federation")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section in SECTIONS:
+        cls = RunConfig.__dataclass_fields__[section].default_factory  # type: ignore[misc]
+        for f in fields(cls):
+            assert _key(f.name) not in index, f"config key {f.name} defined twice"
+            index[_key(f.name)] = (section, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
+    """Turn a TOML/JSON value or a --set string into the field's type."""
+    kind = f.type
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind.startswith("tuple"):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value {key}={raw!r}: expected {kind}") from None
+
+
+def build_config(
+    overrides: dict[str, Any] | None = None, base: RunConfig | None = None
+) -> RunConfig:
+    """Apply flat overrides to ``base`` (default: the built-in defaults) and validate."""
+    base = base or RunConfig()
+    changes: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, raw in (overrides or {}).items():
+        norm = key.replace("_", "-")
+        if norm not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}")
+        section, f = FIELDS[norm]
+        changes[section][f.name] = _coerce(norm, raw, f)
+    parts = {s: dataclasses.replace(getattr(base, s), **changes[s]) for s in SECTIONS}
+    return RunConfig(**parts)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """['rounds=3', 'lr=1e-3'] -> {'rounds': '3', 'lr': '1e-3'}."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Flat keys at the top level; [sections] are accepted and flattened."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,1 @@
+"""Edge export: merged model to ONNX, verified in onnxruntime."""

