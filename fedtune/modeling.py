@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,6 +106,19 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
             return get_peft_model(base, lora_config(cfg))
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    model: nn.Module  # reused across rounds: each message loads its trainable state into it
+    initial: dict[str, Tensor]  # the adapter and head as built, for a run's round 0
+
+
+@functools.lru_cache(maxsize=2)
+def shared_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> SharedModel:
+    """One model per process and config: simulation actors and the server reuse it."""
+    model = build_model(cfg, num_labels, seed)
+    return SharedModel(model, trainable_state(model))
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:

@@ -41,6 +41,11 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(enc.labels[idx])}
 
 
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """The seed of one client's local run: differs per round and client, fixed per run seed."""
+    return (seed * 1_000_003 + server_round) * 10_007 + client
+
+
 def num_local_steps(cfg: TrainConfig, n_examples: int) -> int:
     if cfg.local_epochs > 0:
         return max(1, math.ceil(cfg.local_epochs * n_examples / cfg.batch_size))
@@ -63,30 +68,49 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
 
 
-def train_local(model: nn.Module, enc: Encoded, cfg: TrainConfig, seed: int, pad_id: int) -> dict[str, float]:
-    """Run the local optimisation; returns the mean training loss and the examples seen."""
-    if len(enc) == 0:
-        raise ValueError("no training examples on this client")
-    steps = num_local_steps(cfg, len(enc))
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)  # dropout masks
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+class BatchStream:
+    """Seeded shuffled batches over an encoding, reshuffled at each pass."""
+
+    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int) -> None:
+        if len(enc) == 0:
+            raise ValueError("no training examples on this client")
+        self.enc, self.batch_size, self.pad_id = enc, batch_size, pad_id
+        self.rng = np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(len(enc)), 0
+
+    def next(self) -> dict[str, Tensor]:
+        if self.pos + self.batch_size > len(self.order) and self.pos > 0:
+            self.order, self.pos = self.rng.permutation(len(self.enc)), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return collate(self.enc, idx, self.pad_id)
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int) -> list[float]:
+    """``steps`` optimizer steps; returns the per-step losses."""
     model.train()
-    order, pos, losses = rng.permutation(len(enc)), 0, []
+    losses = []
     for _ in range(steps):
-        if pos + cfg.batch_size > len(order) and pos > 0:
-            order, pos = rng.permutation(len(enc)), 0
-        idx = order[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
-        batch = collate(enc, idx, pad_id)
-        loss = model(**batch).loss
+        loss = model(**batches.next()).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return {"train_loss": float(np.mean(losses)), "steps": float(steps), "examples_seen": float(steps * cfg.batch_size)}
+    return losses
+
+
+def warmup(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (steps + 1)))
+
+
+def train_local(model: nn.Module, enc: Encoded, cfg: TrainConfig, seed: int, pad_id: int) -> dict[str, float]:
+    """One client's local run with a fresh optimizer: mean training loss and steps taken."""
+    steps = num_local_steps(cfg, len(enc))
+    torch.manual_seed(seed)  # dropout masks
+    opt = make_optimizer(model, cfg)
+    losses = run_steps(model, opt, warmup(opt, cfg.warmup_steps), BatchStream(enc, cfg.batch_size, seed, pad_id), steps)
+    return {"train_loss": float(np.mean(losses)), "steps": float(steps)}
 
 
 @torch.inference_mode()

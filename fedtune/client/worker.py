@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedtune.config import DataConfig, ModelConfig, PartitionConfig, RunConfig
+from fedtune.config import DataConfig, PartitionConfig, RunConfig
 from fedtune.data import client_data, load_dataset
-from fedtune.modeling import build_model, load_tokenizer
+from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.training import Encoded, encode
 
 
@@ -19,11 +19,6 @@ from fedtune.training import Encoded, encode
 class LocalData:
     train: Encoded
     val: Encoded
-
-
-@functools.lru_cache(maxsize=2)
-def _model(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
-    return build_model(cfg, num_labels, seed)
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,6 +38,6 @@ class Worker:
 def get_worker(cfg: RunConfig, client: int) -> Worker:
     torch.set_num_threads(cfg.federation.client_cpus)
     num_labels = load_dataset(cfg.data).num_labels
-    model = _model(cfg.model, num_labels, cfg.federation.seed)
+    model = shared_model(cfg.model, num_labels, cfg.federation.seed).model
     data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client)
     return Worker(model, data, load_tokenizer(cfg.model.model).pad_token_id or 0)

@@ -66,7 +66,7 @@ def partition_indices(data: DataConfig, part: PartitionConfig, seed: int) -> tup
     pool = train_pool(data, seed)
     table = datasets.Dataset.from_dict(
         {"row": np.arange(len(pool)), "label": pool.labels, "group": list(pool.groups)}
-    )
+    ).shuffle(seed=seed)  # as FederatedDataset does: partitioners take contiguous shards
     partitioner = PARTITIONERS.get(part.partition)(part, seed)
     partitioner.dataset = table
     n = partitioner.num_partitions

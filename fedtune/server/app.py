@@ -15,11 +15,14 @@ from fedtune import wire
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
-from fedtune.modeling import build_model, load_trainable_state, num_parameters, trainable_state
+from fedtune.modeling import load_trainable_state, shared_model, num_parameters, trainable_state
+from fedtune.server.head import init_head
 from fedtune.server.metered import Metered
+from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.run_dir import RunDir
 from fedtune.strategies import build_strategy
 
+ROUND_TIMEOUT = 3600.0
 _BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT}
 Progress = Callable[[dict[str, Any]], None]
 
@@ -38,7 +41,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
     """The whole federated run; returns the summary it also writes to the run directory."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset(cfg.data)
-    model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
+    shared = shared_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
+    model = shared.model
+    load_trainable_state(model, shared.initial)  # a fresh adapter, whatever ran before here
     trainable, total = num_parameters(model)
     evaluator = TestEvaluator(cfg)
     strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed)
@@ -70,10 +75,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
 
     run_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
     started = time.perf_counter()
+    grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, ROUND_TIMEOUT))
+    if cfg.train.head_init == "ncm":
+        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, ROUND_TIMEOUT)
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.to_record(trainable_state(model)),
         num_rounds=cfg.federation.rounds,
+        timeout=ROUND_TIMEOUT,
         train_config=run_config,
         evaluate_config=ConfigRecord(dict(run_config)),
         evaluate_fn=evaluate_fn,

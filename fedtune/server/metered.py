@@ -71,6 +71,7 @@ class Metered(Strategy):
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        random.seed(self.seed * 100_003 + server_round + 50_000)
         msgs = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         self.rounds[server_round].bytes_down += sum(_message_bytes(m) for m in msgs)
         return msgs

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
+from fedtune.data import load_dataset, partition_indices
+from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.server.app import Progress, make_server_app, print_progress
 from fedtune.server.run_dir import RunDir
 
@@ -37,12 +39,23 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, in this process, on what would otherwise fail inside Ray: the data, the
+    partitioning, the tokenizer and the model with its adapter (built once, reused by the
+    server, which runs in this process)."""
+    ds = load_dataset(cfg.data)
+    partition_indices(cfg.data, cfg.partition, cfg.federation.seed)
+    load_tokenizer(cfg.model.model)
+    shared_model(cfg.model, ds.num_labels, cfg.federation.seed)
+
+
 def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its summary; everything lands in ``out``."""
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import app as client_app
 
+    preflight(cfg)
     run = RunDir(out).create(cfg)
     server_app = make_server_app(cfg, run, progress)
     flwr_logger = logging.getLogger("flwr")

@@ -1,0 +1,103 @@
+"""``fedtune export``: merge the run's adapter, export to ONNX, verify, time, write the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.edge_export import latency, verify
+from fedtune.edge_export.assets import write_labels, write_tokenizer
+from fedtune.edge_export.errors import ParityError
+from fedtune.edge_export.folder import check_destination, staging
+from fedtune.edge_export.layout import MODEL_FP32, MODEL_INT8, REPORT, TOKENIZER
+from fedtune.edge_export.merge import LogitsOnly, load_run, merge
+from fedtune.edge_export.onnx_io import OPSET, export_onnx, quantize_int8
+from fedtune.edge_export.report import metadata, ratios
+from fedtune.edge_export.runtime import encode, open_session, read_tokenizer
+
+FILES = {"fp32": MODEL_FP32, "int8": MODEL_INT8}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    examples: int = 256  # held-out test examples for parity and accuracy
+    batch_size: int = 8  # verification batch size (batches are padded: masks are exercised)
+    max_abs_diff: float = 1e-4  # fp32 ONNX vs torch logits; beyond it the export fails
+    latency_runs: int = 50  # timed runs per batch size and engine
+    warmup: int = 5
+    threads: int = 1  # intra-op threads for torch and onnxruntime alike
+
+
+def export_fp32(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
+    """model.onnx + tokenizer + labels + export_report.json in ``out``; returns the report."""
+    return _export(Path(run_dir), Path(out), options, ("fp32",))
+
+
+def export_fp32_int8(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
+    """As :func:`export_fp32`, plus a dynamically quantized model.int8.onnx."""
+    return _export(Path(run_dir), Path(out), options, ("fp32", "int8"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _export(run_dir: Path, out: Path, options: ExportOptions, variants: tuple[str, ...]) -> dict[str, Any]:
+    check_destination(out)  # fail before minutes of work, not after
+    run = load_run(run_dir)
+    texts, gold = verify.sample_texts(run.cfg, options.examples)
+    with torch_threads(options.threads), staging(out) as tmp:
+        write_tokenizer(run.cfg.model.model, run.cfg.data.max_length, tmp)
+        write_labels(run.labels, tmp)
+        tok = read_tokenizer(tmp / TOKENIZER)
+        batches = verify.encode_batches(tok, texts, options.batch_size)
+        reference = verify.logits(verify.torch_runner(LogitsOnly(run.model)), batches)  # the unmerged adapter
+        merged = merge(run.model)
+        export_onnx(merged, tmp / MODEL_FP32)
+        if "int8" in variants:
+            quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
+        engines = {"torch": verify.torch_runner(merged)}
+        engines.update({v: verify.ort_runner(open_session(tmp / FILES[v], options.threads)) for v in variants})
+        checks = {k: verify.compare(reference, verify.logits(run_k, batches), gold) for k, run_k in engines.items()}
+        _check_parity(checks["fp32"], options, len(texts))
+        timing = {f"batch_{b}": _time(engines, tok, texts, b, options) for b in (1, 8)}
+        sizes = {v: (tmp / FILES[v]).stat().st_size for v in variants}
+        report = {
+            **metadata(run_dir, run.cfg, run.labels, OPSET),
+            "files": {v: FILES[v] for v in variants},
+            "options": asdict(options),
+            "verification": {"examples": len(texts), "reference": "torch, adapter not merged",
+                             "reference_accuracy": verify.accuracy(reference, gold), **checks},
+            "sizes_bytes": sizes,
+            "sizes_mb": {k: v / 1e6 for k, v in sizes.items()},
+            "latency": {"threads": options.threads, "runs": options.latency_runs, "warmup": options.warmup,
+                        "inputs": "test texts truncated to max-length, tokenization excluded", **timing},
+            "ratios": ratios(timing, sizes),
+        }
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _time(engines: dict, tok, texts: list[str], batch: int, options: ExportOptions) -> dict[str, dict[str, float]]:
+    feeds = latency.latency_feeds(lambda t: encode(tok, t), texts, batch, options.latency_runs)
+    return latency.measure(engines, feeds, options.warmup)
+
+
+def _check_parity(fp32: dict[str, float], options: ExportOptions, n: int) -> None:
+    if not fp32["max_abs_diff"] <= options.max_abs_diff:  # also catches NaN
+        raise ParityError(
+            f"ONNX fp32 logits differ from torch by up to {fp32['max_abs_diff']:.2e} (> {options.max_abs_diff:.0e}) "
+            f"on {n} test examples; nothing was written"
+        )

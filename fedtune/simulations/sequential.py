@@ -1,0 +1,56 @@
+"""The same federation as a plain loop in one process, with no Flower: the reference that
+bench/overhead.py times the Flower runtime against (same clients, same local training,
+same aggregation, same evaluation)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fedtune.client.worker import get_worker
+from fedtune.config import RunConfig
+from fedtune.evaluation import TestEvaluator
+from fedtune.modeling import load_trainable_state, trainable_state
+from fedtune.strategies.aggregation import weighted_mean
+from fedtune.head_init import class_feature_sums, head_module, ncm_head, set_head
+from fedtune.training import Encoded, client_seed, train_local
+
+
+def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
+    if cfg.federation.strategy != "fedavg":
+        raise ValueError("the sequential reference implements fedavg only")
+    n = cfg.partition.num_clients
+    per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
+    model = get_worker(cfg, 0).model
+    evaluator = TestEvaluator(cfg)
+    if cfg.train.head_init == "ncm":
+        sums, counts, sqs = [], [], []
+        for c in range(n):
+            w = get_worker(cfg, c)
+            k = min(len(w.data.train), cfg.train.head_init_examples)
+            sub = Encoded(w.data.train.ids[:k], w.data.train.labels[:k])
+            s, m, q = class_feature_sums(w.model, sub, head_module(w.model).out_features, cfg.train.eval_batch_size, w.pad_id)
+            sums.append(s.float())
+            counts.append(m.float())
+            sqs.append(q.float())
+        set_head(model, *ncm_head(sums, counts, sqs, cfg.train.head_logit_scale))
+    state = trainable_state(model)
+    rows = [{"round": 0, **evaluator(model), "seconds": 0.0}]
+    rng = np.random.default_rng(cfg.federation.seed)
+    for r in range(1, cfg.federation.rounds + 1):
+        t = time.perf_counter()
+        clients = sorted(rng.choice(n, per_round, replace=False)) if per_round < n else range(n)
+        states, weights = [], []
+        for c in clients:
+            w = get_worker(cfg, int(c))
+            load_trainable_state(w.model, state)
+            train_local(w.model, w.data.train, cfg.train, client_seed(cfg.federation.seed, r, int(c)), w.pad_id)
+            states.append(trainable_state(w.model))
+            weights.append(float(len(w.data.train)))
+        state = weighted_mean(states, weights)
+        load_trainable_state(model, state)
+        rows.append({"round": r, **evaluator(model), "seconds": time.perf_counter() - t})
+        progress(f"round {r}: accuracy {rows[-1]['accuracy']:.4f}  {rows[-1]['seconds']:.1f} s")
+    return rows

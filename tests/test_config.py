@@ -1,0 +1,50 @@
+import pytest
+
+from fedtune.config import RunConfig, build_config, parse_set
+from fedtune.errors import ConfigError
+from fedtune.presets import resolve
+
+
+def test_flat_round_trip_is_exact():
+    cfg = resolve("quick", overrides={"lora-rank": "3", "target-modules": "query,value", "lr": "0.004"})
+    assert cfg.model.lora_rank == 3 and cfg.model.target_modules == ("query", "value") and cfg.train.lr == 0.004
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_toml_then_set_order(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('rounds = 7\nlr = 0.001\n[model]\nlora-rank = 2\n')
+    cfg = resolve("default", str(f), {"rounds": "3"})
+    assert (cfg.federation.rounds, cfg.train.lr, cfg.model.lora_rank) == (3, 0.001, 2)
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("lora-rank", "-1", "lora-rank=-1"),
+        ("lora-rank", "2.5", "lora-rank='2.5'"),
+        ("lora-alpha", "0", "lora-alpha=0.0"),
+        ("fraction-train", "1.5", "fraction-train=1.5"),
+        ("lr", "abc", "lr='abc'"),
+        ("head-init", "zeros", "head-init='zeros'"),
+    ],
+)
+def test_bad_values_name_the_value(key, value, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        build_config({key: value})
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="unknown config key 'rnds'.*rounds"):
+        build_config({"rnds": 3})
+
+
+def test_unknown_preset_lists_valid():
+    with pytest.raises(ConfigError, match="unknown preset 'big'; valid: default, quick"):
+        resolve("big")
+
+
+def test_parse_set_rejects_missing_equals():
+    assert parse_set(["a=1", "b = x"]) == {"a": "1", "b": "x"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["rounds"])
