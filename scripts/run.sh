@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: set up if needed, run the default federation (all-MiniLM-L6-v2 + LoRA on
+# 20 Newsgroups, 10 Dirichlet clients), write its report, and export the edge model.
+# Extra arguments go to `fedtune simulate` (e.g. --set rounds=6).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV="${FEDTUNE_VENV:-.venv}"
+RUN="${FEDTUNE_RUN:-runs/default}"
+"$VENV/bin/fedtune" simulate --out "$RUN" "$@"
+"$VENV/bin/fedtune" report "$RUN"
+if "$VENV/bin/fedtune" export --help >/dev/null 2>&1; then
+  "$VENV/bin/fedtune" export "$RUN" --int8 --out "$RUN/edge"
+  echo "edge model: $RUN/edge  (try: $VENV/bin/fedtune infer $RUN/edge \"my graphics card drivers crash\")"
+fi
