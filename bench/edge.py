@@ -5,7 +5,7 @@
 Without --run it first trains a demo run (MiniLM + LoRA, 60 centralized steps, about a
 minute). All engines are timed in the same process on the same inputs, interleaved, so the
 onnxruntime/torch ratio holds even on a busy machine. Prints the table and rewrites the
-``## Edge export`` section of docs/benchmarks.md (between its markers, nothing else).
+``## Edge export`` section of docs/benchmarks.md (between its edge markers, nothing else).
 """
 
 from __future__ import annotations
@@ -15,18 +15,13 @@ import os
 import platform
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # noqa: F401  (environment first)
 
-from fedtune.edge_export.export import ExportOptions, export_fp32_int8  # noqa: E402
-from fedtune.edge_export.report import ENGINES, format_table  # noqa: E402
+from fedtune.edge_export.export import ExportOptions, export_fp32_int8
+from fedtune.edge_export.report import ENGINES, format_table
 
-START, END = "<!-- edge:start -->", "<!-- edge:end -->"
 GOAL_SPEED, GOAL_SIZE = 0.5, 0.30
 
 
@@ -55,7 +50,8 @@ def markdown(report: dict, run_label: str) -> str:
     ver, lat, sizes, r = report["verification"], report["latency"], report["sizes_mb"], report["ratios"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [
-        "| engine | size (MB) | max abs logit diff vs torch | argmax agreement | accuracy | batch 1 p50 / p95 (ms) | batch 8 p50 / p95 (ms) |",
+        "| engine | size (MB) | max abs logit diff vs torch | argmax agreement | accuracy "
+        "| batch 1 p50 / p95 (ms) | batch 8 p50 / p95 (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, name in ENGINES.items():
@@ -68,10 +64,9 @@ def markdown(report: dict, run_label: str) -> str:
     speed, size = r["fp32_vs_torch_p50_batch_1"], r["int8_vs_fp32_size"]
     drop = 100 * (ver["reference_accuracy"] - ver["int8"]["accuracy"])
     return "\n".join([
-        START,
         "## Edge export",
         "",
-        f"`python bench/edge.py`, {date.today()}: all-MiniLM-L6-v2 + merged LoRA, 20 Newsgroups, "
+        f"`python bench/edge.py`: all-MiniLM-L6-v2 + merged LoRA, 20 Newsgroups, "
         f"max-length {report['max_length']}, opset {report['opset']}; run: {run_label}. "
         f"{cpu_name()}, {os.cpu_count()} cores (shared; 1-min load {load:.1f} at the end), "
         f"{lat['threads']} intra-op thread(s) for every engine; {ver['examples']} held-out test examples; "
@@ -85,21 +80,11 @@ def markdown(report: dict, run_label: str) -> str:
         f"at batch 8: {r['fp32_vs_torch_p50_batch_8']:.2f}x.",
         f"- int8 file: **{size:.0%}** of fp32 (goal <= {GOAL_SIZE:.0%}: {'met' if size <= GOAL_SIZE else 'missed'}); "
         f"int8 p50 at batch 1: {r['int8_vs_torch_p50_batch_1']:.2f}x torch; "
-        f"accuracy drop vs torch: {drop:.1f} points.",
-        END,
+        f"int8 accuracy {ver['int8']['accuracy']:.3f} vs torch {ver['reference_accuracy']:.3f}: "
+        f"drop {drop:.1f} points (goal <= 1: {'met' if drop <= 1 else 'missed'}; negative = int8 better).",
+        "- Logit differences are against the torch model with the adapter unmerged (what the run evaluated); "
+        "the torch eager row is the merged model used for timing.",
     ])
-
-
-def update_section(path: Path, section: str) -> None:
-    """Replace our marked section of ``path`` (or append it); the rest of the file is kept."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main() -> int:
@@ -108,7 +93,6 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=1000)
     p.add_argument("--latency-runs", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file to update")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedtune-edge-bench-") as tmp:
         run = Path(args.run) if args.run else demo_run(Path(tmp))
@@ -116,8 +100,8 @@ def main() -> int:
         report = export_fp32_int8(run, Path(tmp) / "edge", options)
     print(format_table(report))
     label = f"`{args.run}`" if args.run else "demo run (60 centralized steps)"
-    update_section(Path(args.docs), markdown(report, label))
-    print(f"bench: updated {args.docs}", file=sys.stderr)
+    common.write_section("edge", markdown(report, label))
+    print(f"bench: updated {common.DOC}", file=sys.stderr)
     return 0
 
 

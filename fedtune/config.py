@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,9 +65,11 @@ class ModelConfig:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
     use_rslora: bool = False  # scaling alpha/sqrt(r) (Kalajdzievski, 2023) instead of alpha/r
+    lora_layers: int = 0  # adapters on the deepest N transformer layers only (LEGEND); 0 = all
 
     def __post_init__(self) -> None:
         _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be a positive integer")
+        _require(self.lora_layers >= 0, "lora-layers", self.lora_layers, "must be >= 0 (0 = all layers)")
         _require(0.0 < self.lora_alpha <= 4096, "lora-alpha", self.lora_alpha, "must be in (0, 4096]")
         _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target-modules", self.target_modules, "must name at least one module")
@@ -112,8 +115,12 @@ class FederationConfig:
     seed: int = 0
     client_cpus: int = 2  # CPU cores per virtual client (Flower's client_resources.num_cpus)
     client_gpus: float = 0.0
+    profiles: str = ""  # device profiles of the clients (fedtune/profiles.py): names, name:share, or auto
+    profile_defs: tuple[str, ...] = ()  # the run's own profiles: "NAME lora-rank=4 layers=2 ..."
 
     def __post_init__(self) -> None:
+        from fedtune.profiles import check as check_profiles
+
         _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _require(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
@@ -122,6 +129,57 @@ class FederationConfig:
         _require(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "must be in [0, 1)")
         _require(self.client_cpus >= 1, "client-cpus", self.client_cpus, "must be >= 1")
         _require(self.client_gpus >= 0, "client-gpus", self.client_gpus, "must be >= 0")
+        check_profiles(self.profiles, self.profile_defs)
+
+
+DP_MODES = ("none", "sample", "client-fixed", "client-adaptive")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of the federation (docs/privacy.md). ``dp``: none | sample (DP-SGD
+    on each client, per-client accountant) | client-fixed / client-adaptive (Flower's DP
+    strategy wrappers, fixed or adaptive clipping of whole updates, a server accountant)."""
+
+    dp: str = "none"
+    target_epsilon: float | None = None  # the whole budget (all rounds); exactly one of this and noise-multiplier
+    noise_multiplier: float | None = None  # sigma (sample: per DP-SGD step; client-*: per round, on the sum)
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv
+    max_grad_norm: float = 1.0  # dp=sample: per-example clipping bound
+    dp_state_dir: str = ""  # dp=sample: where each client keeps its accountant (node config state-dir wins)
+    clip_norm: float = 1.0  # client-*: L2 bound of one client's update (adaptive: the initial bound)
+    dp_clipping: str = "server"  # client-*: clip updates on the server or on the clients (Flower mod)
+    target_clipped_quantile: float = 0.5  # client-adaptive
+    clip_norm_lr: float = 0.2  # client-adaptive
+    clipped_count_stddev: float = 0.0  # client-adaptive; 0 = Flower's default, sampled clients / 20
+
+    def __post_init__(self) -> None:
+        _require(self.dp in DP_MODES, "dp", self.dp, f"must be one of {', '.join(DP_MODES)}")
+        for key, value in (("target-epsilon", self.target_epsilon), ("noise-multiplier", self.noise_multiplier)):
+            _require(self.dp != "none" or value is None, key, value,
+                     "only used with dp=sample|client-fixed|client-adaptive")
+        if self.dp != "none":
+            _require((self.target_epsilon is None) != (self.noise_multiplier is None), "dp", self.dp,
+                     "set exactly one of target-epsilon (a budget) and noise-multiplier (a fixed sigma)")
+            self.sample_dp()  # exactly one of target-epsilon / noise-multiplier; delta, accountant, max-grad-norm
+        _require(self.clip_norm > 0 and math.isfinite(self.clip_norm), "clip-norm", self.clip_norm, "must be > 0")
+        _require(self.dp_clipping in ("server", "client"), "dp-clipping", self.dp_clipping, "must be server or client")
+        _require(0.0 <= self.target_clipped_quantile <= 1.0, "target-clipped-quantile", self.target_clipped_quantile,
+                 "must be in [0, 1]")
+        _require(self.clip_norm_lr > 0, "clip-norm-lr", self.clip_norm_lr, "must be > 0")
+        _require(self.clipped_count_stddev >= 0, "clipped-count-stddev", self.clipped_count_stddev, "must be >= 0")
+
+    @property
+    def client_level(self) -> bool:
+        return self.dp in ("client-fixed", "client-adaptive")
+
+    def sample_dp(self):  # -> fedtune.privacy.config.DPConfig
+        """The budget, noise and accountant settings as the DP building blocks take them."""
+        from fedtune.privacy.config import DPConfig
+
+        return DPConfig(target_epsilon=self.target_epsilon, delta=self.delta, noise_multiplier=self.noise_multiplier,
+                        max_grad_norm=self.max_grad_norm, accountant=self.accountant)
 
 
 @dataclass(frozen=True)
@@ -131,6 +189,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        from fedtune.privacy.rules import check_composition  # cross-section rules: refuse what breaks a guarantee
+
+        check_composition(self)
 
     # -- flat views -------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -154,7 +218,7 @@ class RunConfig:
         return build_config(base=self, overrides=flat)
 
 
-SECTIONS = ("data", "partition", "model", "train", "federation")
+SECTIONS = ("data", "partition", "model", "train", "federation", "privacy")
 
 
 def _key(name: str) -> str:
@@ -178,6 +242,10 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
     """Turn a TOML/JSON value or a --set string into the field's type."""
     kind = f.type
     try:
+        if kind.endswith(" | None"):  # optional: none/null/empty unsets it
+            if raw is None or str(raw).strip().lower() in ("", "none", "null"):
+                return None
+            kind = kind.removesuffix(" | None")
         if kind == "bool":
             if isinstance(raw, bool):
                 return raw
@@ -230,7 +298,8 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Flat keys at the top level; [sections] are accepted and flattened."""
+    """Flat keys at the top level; [sections] are accepted and flattened, except
+    ``[profiles.NAME]`` tables, which define device profiles (``profile-defs``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -240,7 +309,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        if isinstance(value, dict):
+        if key == "profiles" and isinstance(value, dict):
+            from fedtune.profiles import to_def
+
+            flat["profile-defs"] = [to_def(n, t) for n, t in value.items() if isinstance(t, dict)]
+            flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
+        elif isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value

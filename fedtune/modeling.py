@@ -61,6 +61,7 @@ def _base_model(name: str, num_labels: int) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the new head is expected to be missing from checkpoints
+    hf_logging.disable_progress_bar()
     if name == "tiny":
         vocab = len(load_tokenizer(name))
         cfg = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)
@@ -80,7 +81,15 @@ def _base_model(name: str, num_labels: int) -> nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
 
 
-def lora_config(cfg: ModelConfig):
+def adapted_layers(cfg: ModelConfig, num_layers: int) -> list[int] | None:
+    """The transformer layers that carry adapters: the deepest ``lora-layers`` ones (LEGEND,
+    Liu et al., 2024: deeper layers first); None = all."""
+    if cfg.lora_layers == 0 or cfg.lora_layers >= num_layers:
+        return None
+    return list(range(num_layers - cfg.lora_layers, num_layers))
+
+
+def lora_config(cfg: ModelConfig, num_layers: int = 0):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -90,6 +99,7 @@ def lora_config(cfg: ModelConfig):
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules),
         use_rslora=cfg.use_rslora,
+        layers_to_transform=adapted_layers(cfg, num_layers),
     )
 
 
@@ -100,10 +110,13 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
     base = _base_model(cfg.model, num_labels)
     if cfg.adapter != "lora":
         raise ModelError(f"unknown adapter {cfg.adapter!r}; valid: lora")
+    num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
+    if cfg.lora_layers and not num_layers:
+        raise ModelError(f"lora-layers needs a model with num_hidden_layers in its config; {cfg.model!r} has none")
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return get_peft_model(base, lora_config(cfg))
+            return get_peft_model(base, lora_config(cfg, num_layers))
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
 
@@ -114,7 +127,7 @@ class SharedModel:
     initial: dict[str, Tensor]  # the adapter and head as built, for a run's round 0
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # a simulation actor may serve clients of several profiles
 def shared_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> SharedModel:
     """One model per process and config: simulation actors and the server reuse it."""
     model = build_model(cfg, num_labels, seed)

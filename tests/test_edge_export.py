@@ -6,7 +6,6 @@ Fast tests use the tiny config-built model; @slow ones the bundled MiniLM (minut
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,6 @@ from fedtune.modeling import load_tokenizer
 from fedtune.presets import resolve
 
 FAST = ExportOptions(examples=48, latency_runs=3, warmup=1)
-ENV = dict(os.environ)
 
 
 # -- fixtures: one tiny run and one tiny export per session ------------------------------------
@@ -35,7 +33,7 @@ ENV = dict(os.environ)
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A tiny run whose LoRA B matrices are non-zero, so the merge really changes weights."""
+    """A tiny run with random LoRA and head matrices: merging changes weights, predictions vary."""
     cfg = resolve("quick", None, {"eval-size": 64})
     model = demo_model(cfg, steps=3)
     perturb_adapter(model, std=1.0)
@@ -51,13 +49,15 @@ def tiny_export(tiny_run, tmp_path_factory):
 
 def _torch_logits(model, cfg, texts: list[str]) -> np.ndarray:
     """The in-memory (unmerged) model on the transformers tokenizer: the independent reference."""
-    enc = load_tokenizer(cfg.model.model)(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+    tok = load_tokenizer(cfg.model.model)
+    enc = tok(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
     with torch.inference_mode():
         return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, env=ENV, timeout=120)
+    cmd = [sys.executable, "-m", "fedtune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 # -- export and verification --------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_edge_runtime_and_infer_import_no_torch(tiny_export):
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft", "flwr"))
         print("HEAVY", heavy)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "HEAVY []" in res.stdout
     assert len([line for line in res.stdout.splitlines() if line.count("\t") == 2]) == 2
@@ -166,7 +166,8 @@ def test_cli_export_replaces_a_previous_export(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run[0]), "--out", str(out), "--examples", "16", "--latency-runs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "onnx fp32" in printed and "onnx int8" not in printed
-    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_FP32, TOKENIZER, "tokenizer_config.json", LABELS, REPORT])
+    expected = [MODEL_FP32, TOKENIZER, "tokenizer_config.json", LABELS, REPORT]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     assert [p.name for p in tmp_path.iterdir()] == ["edge"]
 
 
@@ -230,13 +231,7 @@ def default_export(tmp_path_factory):
     """MiniLM + LoRA trained 60 centralized steps (about 55% test accuracy: enough for the
     int8 comparison to mean something), exported and verified on 2000 test examples."""
     root = tmp_path_factory.mktemp("minilm")
-    cfg = resolve("default", None, {"eval-size": 200})
-    with_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = train_demo_run(cfg, root / "run", steps=60)
-    finally:
-        torch.set_num_threads(with_threads)
+    run = train_demo_run(resolve("default", None, {"eval-size": 200}), root / "run", steps=60)
     return export_fp32_int8(run.path, root / "edge", ExportOptions(examples=2000, latency_runs=5))
 
 

@@ -7,35 +7,39 @@ holds comes from its node config (``partition-id``), as in Flower's simulation r
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import wire
-from fedtune.client.worker import get_worker
+from fedtune.client.adapter import node_profile, prepare, reply_adapter
 from fedtune.config import RunConfig
-from fedtune.modeling import load_trainable_state, trainable_state
+from fedtune.modeling import trainable_state
 from fedtune.head_init import class_feature_sums, head_module
+from fedtune.privacy.client import client_dp_mod, train_sample_dp
 from fedtune.training import Encoded, client_seed, evaluate, train_local
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    cfg = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
-    client = int(context.node_config["partition-id"])
-    worker = get_worker(cfg, client)
-    load_trainable_state(worker.model, wire.from_record(msg.content[wire.ARRAYS]))
-    return cfg, client, worker
+    """(config as this client runs it: its device profile applied, client id, loaded worker)."""
+    return prepare(msg, context)
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])  # clips the update only for dp=client-* with dp-clipping=client
 def train(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = client_seed(cfg.federation.seed, server_round, client)
-    stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
-    metrics = MetricRecord({wire.WEIGHT: len(worker.data.train), wire.CLIENT_ID: client, **stats})
-    content = RecordDict({wire.ARRAYS: wire.to_record(trainable_state(worker.model)), wire.METRICS: metrics})
+    if cfg.privacy.dp == "sample":  # DP-SGD, this client's accountant kept across rounds and restarts
+        stats = train_sample_dp(worker, cfg, seed, context, client)
+    else:
+        stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
+    weight = 0 if stats.get("budget_exhausted") else len(worker.data.train)  # spent: did not train, weight 0
+    stated, adapter = reply_adapter(cfg, worker, context)  # rank, alpha, scale, rsLoRA; profile
+    metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated})
+    content = RecordDict({wire.ARRAYS: wire.to_record(trainable_state(worker.model)), wire.METRICS: metrics,
+                          wire.ADAPTER: adapter})
     return Message(content=content, reply_to=msg)
 
 
@@ -64,9 +68,14 @@ def head_init(msg: Message, context: Context) -> Message:
 
 @app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
-    """The client id this node holds, so the server can order and sample nodes reproducibly."""
+    """The client id and device profile this node holds, so the server can order and sample
+    nodes reproducibly and build each node's message for its adapter."""
     metrics = MetricRecord({wire.CLIENT_ID: int(context.node_config["partition-id"])})
-    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({wire.METRICS: metrics})
+    if wire.RUN_CONFIG in msg.content[wire.CONFIG]:
+        cfg = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+        content[wire.ADAPTER] = ConfigRecord({wire.PROFILE: node_profile(cfg, context).name})
+    return Message(content=content, reply_to=msg)
 
 
 __all__ = ["app"]

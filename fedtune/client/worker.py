@@ -4,10 +4,10 @@ data. Simulation actors and deployed SuperNodes both reuse a worker across messa
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fedtune.config import DataConfig, PartitionConfig, RunConfig
 from fedtune.data import client_data, load_dataset
@@ -33,11 +33,12 @@ class Worker:
     model: nn.Module
     data: LocalData
     pad_id: int
+    initial: dict[str, Tensor] = field(default_factory=dict)  # the adapter and head as built (a fresh adapter)
 
 
 def get_worker(cfg: RunConfig, client: int) -> Worker:
     torch.set_num_threads(cfg.federation.client_cpus)
     num_labels = load_dataset(cfg.data).num_labels
-    model = shared_model(cfg.model, num_labels, cfg.federation.seed).model
+    shared = shared_model(cfg.model, num_labels, cfg.federation.seed)
     data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client)
-    return Worker(model, data, load_tokenizer(cfg.model.model).pad_token_id or 0)
+    return Worker(shared.model, data, load_tokenizer(cfg.model.model).pad_token_id or 0, shared.initial)

@@ -20,7 +20,7 @@ def write_tokenizer(model_name: str, max_length: int, folder: Path) -> Path:
     hf.save_pretrained(str(folder))
     path = folder / TOKENIZER
     if not path.is_file():
-        raise ExportError(f"the tokenizer of {model_name!r} has no {TOKENIZER} (the edge runtime needs a fast tokenizer)")
+        raise ExportError(f"the tokenizer of {model_name!r} has no {TOKENIZER}: the edge runtime needs a fast one")
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=hf.pad_token_id or 0, pad_token=hf.pad_token or "[PAD]")

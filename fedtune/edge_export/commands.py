@@ -42,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         examples=args.examples, max_abs_diff=args.max_abs_diff, latency_runs=args.latency_runs, threads=args.threads
     )
     export = export_fp32_int8 if args.int8 else export_fp32
-    print(f"fedtune: exporting {args.run_dir} -> {args.out} (verifying on {args.examples} test examples)", file=sys.stderr)
+    print(f"fedtune: exporting {args.run_dir} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
     report = export(args.run_dir, args.out, options)
     print(format_table(report))
     print(f"export written to {args.out}")
@@ -53,7 +53,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from fedtune.edge_export.runtime import EdgeClassifier
 
     texts = sys.stdin.read().splitlines() if args.texts == ["-"] else args.texts
-    clf = EdgeClassifier.int8(args.folder, args.threads) if args.int8 else EdgeClassifier(args.folder, threads=args.threads)
+    load = EdgeClassifier.int8 if args.int8 else EdgeClassifier
+    clf = load(args.folder, threads=args.threads)
     for text, (label, prob) in zip(texts, clf.predict(texts)):
         snippet = " ".join(text.split())
         print(f"{label}\t{prob:.4f}\t{snippet[:60] + ('...' if len(snippet) > 60 else '')}")

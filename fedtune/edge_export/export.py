@@ -63,31 +63,40 @@ def _export(run_dir: Path, out: Path, options: ExportOptions, variants: tuple[st
         write_labels(run.labels, tmp)
         tok = read_tokenizer(tmp / TOKENIZER)
         batches = verify.encode_batches(tok, texts, options.batch_size)
-        reference = verify.logits(verify.torch_runner(LogitsOnly(run.model)), batches)  # the unmerged adapter
+        reference = verify.logits(verify.torch_runner(LogitsOnly(run.model)), batches)  # adapter not merged
         merged = merge(run.model)
-        export_onnx(merged, tmp / MODEL_FP32)
-        if "int8" in variants:
-            quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
+        _write_models(merged, tmp, variants)
         engines = {"torch": verify.torch_runner(merged)}
         engines.update({v: verify.ort_runner(open_session(tmp / FILES[v], options.threads)) for v in variants})
-        checks = {k: verify.compare(reference, verify.logits(run_k, batches), gold) for k, run_k in engines.items()}
+        checks = {k: verify.compare(reference, verify.logits(e, batches), gold) for k, e in engines.items()}
         _check_parity(checks["fp32"], options, len(texts))
+        checks = {"examples": len(texts), "reference_accuracy": verify.accuracy(reference, gold), **checks}
         timing = {f"batch_{b}": _time(engines, tok, texts, b, options) for b in (1, 8)}
         sizes = {v: (tmp / FILES[v]).stat().st_size for v in variants}
-        report = {
-            **metadata(run_dir, run.cfg, run.labels, OPSET),
-            "files": {v: FILES[v] for v in variants},
-            "options": asdict(options),
-            "verification": {"examples": len(texts), "reference": "torch, adapter not merged",
-                             "reference_accuracy": verify.accuracy(reference, gold), **checks},
-            "sizes_bytes": sizes,
-            "sizes_mb": {k: v / 1e6 for k, v in sizes.items()},
-            "latency": {"threads": options.threads, "runs": options.latency_runs, "warmup": options.warmup,
-                        "inputs": "test texts truncated to max-length, tokenization excluded", **timing},
-            "ratios": ratios(timing, sizes),
-        }
+        report = {**metadata(run_dir, run.cfg, run.labels, OPSET), **_results(options, checks, timing, sizes)}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _write_models(merged: LogitsOnly, folder: Path, variants: tuple[str, ...]) -> None:
+    export_onnx(merged, folder / MODEL_FP32)
+    if "int8" in variants:
+        quantize_int8(folder / MODEL_FP32, folder / MODEL_INT8)
+
+
+def _results(options: ExportOptions, checks: dict, timing: dict, sizes: dict[str, int]) -> dict[str, Any]:
+    return {
+        "files": {v: FILES[v] for v in sizes},
+        "options": asdict(options),
+        "verification": {"reference": "torch, adapter not merged (what the run evaluated)", **checks},
+        "sizes_bytes": sizes,
+        "sizes_mb": {k: v / 1e6 for k, v in sizes.items()},
+        "latency": {
+            "threads": options.threads, "runs": options.latency_runs, "warmup": options.warmup,
+            "inputs": "held-out test texts truncated to max-length; tokenization not timed", **timing,
+        },
+        "ratios": ratios(timing, sizes),
+    }
 
 
 def _time(engines: dict, tok, texts: list[str], batch: int, options: ExportOptions) -> dict[str, dict[str, float]]:

@@ -19,7 +19,7 @@ def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
 
 
-def measure(engines: dict[str, Callable[[Feed], object]], feeds: Sequence[Feed], warmup: int) -> dict[str, dict[str, float]]:
+def measure(engines: dict[str, Callable[[Feed], object]], feeds: Sequence[Feed], warmup: int) -> dict[str, dict]:
     """{engine: {p50_ms, p95_ms}} over ``feeds``, after ``warmup`` untimed runs each."""
     names = list(engines)
     for feed in list(feeds)[:warmup]:

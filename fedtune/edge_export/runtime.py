@@ -1,7 +1,7 @@
 """The device-side classifier: onnxruntime + tokenizers + numpy only.
 
-Importing this module must never pull in torch or transformers: it is all a device
-with ``pip install fedtune[edge]`` has.
+Importing this module must never pull in torch or transformers: a device has only the
+packages of the ``edge`` extra (see docs/edge.md).
 """
 
 from __future__ import annotations

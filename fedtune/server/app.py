@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,15 +16,20 @@ from fedtune import wire
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
+from fedtune.adapters import set_base, set_trainable
 from fedtune.modeling import load_trainable_state, shared_model, num_parameters, trainable_state
+from fedtune.profiles import server_model
 from fedtune.server.head import init_head
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.run_dir import RunDir
 from fedtune.strategies import build_strategy
+from fedtune.strategies.rank_aware import rank_aware_of
+from fedtune.strategies.recipes import recipe_for
 
 ROUND_TIMEOUT = 3600.0
-_BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT}
+BASE_DELTA_FILE = "base_delta.safetensors"  # {layer: dense delta of the frozen weight}, beside the adapter
+_BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS}
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -41,17 +47,29 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
     """The whole federated run; returns the summary it also writes to the run directory."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset(cfg.data)
-    shared = shared_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
+    shared = shared_model(server_model(cfg), ds.num_labels, seed=cfg.federation.seed)  # profiles: the largest rank
     model = shared.model
-    load_trainable_state(model, shared.initial)  # a fresh adapter, whatever ran before here
+    set_trainable(model, shared.initial)  # a fresh adapter and base, whatever ran before here
+    set_base(model, {})
+    load_trainable_state(model, shared.initial)
+    recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = TestEvaluator(cfg)
     strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed)
+    rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
 
+    def model_states(arrays: ArrayRecord) -> dict[str, tuple[dict, dict]]:
+        """{'': the global model, 'rank_r': each profile's model}: (base deltas, trainable)."""
+        return rank_aware.model_states(arrays) if rank_aware else {"": ({}, wire.from_record(arrays))}
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable_state(model, wire.from_record(arrays))
-        res = evaluator(model)
+        results = {}
+        for key, (base, state) in model_states(arrays).items():  # the global model last
+            set_base(model, base)
+            load_trainable_state(model, state)
+            results[key] = evaluator(model)
+        res = results.pop("")
         stats = strategy.rounds.get(server_round)
         now = time.perf_counter()
         row = {
@@ -65,6 +83,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
             "clients": stats.replied if stats else 0,
             "failures": stats.failures if stats else [],
         }
+        for key, r in results.items():  # per profile (rank group), on the same test slice
+            row.update({f"accuracy_{key}": r["accuracy"], f"loss_{key}": r["loss"]})
         if stats:
             row.update({k: v for k, v in stats.train.items() if k not in _BOOKKEEPING})
             row.update({f"client_{k}": v for k, v in stats.client_eval.items() if k not in _BOOKKEEPING})
@@ -75,9 +95,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
 
     run_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
     started = time.perf_counter()
-    grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, ROUND_TIMEOUT))
+    grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, ROUND_TIMEOUT, cfg))
     if cfg.train.head_init == "ncm":
-        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, ROUND_TIMEOUT)
+        per_node = None
+        if rank_aware:  # each node gets the server's initial adapter at its own rank
+            per_node = lambda node, arrays: rank_aware.node_arrays(arrays, grid.members[node].profile)  # noqa: E731
+        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, ROUND_TIMEOUT, per_node)
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.to_record(trainable_state(model)),
@@ -87,8 +110,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
         evaluate_config=ConfigRecord(dict(run_config)),
         evaluate_fn=evaluate_fn,
     )
-    load_trainable_state(model, wire.from_record(result.arrays))
+    base, state = model_states(result.arrays)[""]
+    set_base(model, {})  # the adapter is saved on the original base; base deltas go beside it
+    load_trainable_state(model, state)
     adapter_dir = run.save_adapter(model, ds.label_names)
+    if base:  # FLoRA / FedEx-LoRA / FlexLoRA: dense updates of frozen weights, W = W0 + delta
+        save_file({k: v.contiguous() for k, v in base.items()}, str(adapter_dir / BASE_DELTA_FILE))
+    set_base(model, base)
     rows = run.metrics()
     summary = {
         "final_accuracy": rows[-1]["accuracy"],

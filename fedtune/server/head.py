@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -14,12 +16,15 @@ from fedtune.strategies.fedavg import ordered
 QUERY = "query.head_init"
 
 
-def init_head(grid: Grid, model: nn.Module, run_config: ConfigRecord, logit_scale: float, timeout: float) -> RoundStats:
-    """Ask every connected client for class feature sums and set ``model``'s head from them."""
+def init_head(grid: Grid, model: nn.Module, run_config: ConfigRecord, logit_scale: float, timeout: float,
+              per_node: Callable[[int, ArrayRecord], ArrayRecord] | None = None) -> RoundStats:
+    """Ask every connected client for class feature sums and set ``model``'s head from them.
+    ``per_node(node, state)``: what that node receives of the server's state (its own rank)."""
     stats = RoundStats()
     state = wire.to_record({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
     msgs = [
-        Message(content=RecordDict({wire.ARRAYS: state, wire.CONFIG: ConfigRecord(dict(run_config))}),
+        Message(content=RecordDict({wire.ARRAYS: per_node(node, state) if per_node else state,
+                                    wire.CONFIG: ConfigRecord(dict(run_config))}),
                 message_type=QUERY, dst_node_id=node)
         for node in grid.get_node_ids()
     ]

@@ -2,18 +2,23 @@
 
 Node ids are random per run; Flower samples from ``grid.get_node_ids()`` with ``random``.
 Ordering the ids by client id and seeding ``random`` per round (see Metered) makes the same
-seed pick the same clients in every run.
+seed pick the same clients in every run. Each node also states its device profile (its
+adapter rank and layers): rank-aware strategies build every node's message from it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune import wire
+from fedtune.config import RunConfig
+from fedtune.profiles import DEFAULT, Profile, lookup
 
 WHOAMI = "query.whoami"
 
@@ -27,27 +32,41 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
     return ids
 
 
-def discover(grid: Grid, min_nodes: int, timeout: float) -> dict[int, int]:
-    """{node id: client id} for every node that answers."""
+@dataclass(frozen=True)
+class Member:
+    """What the server knows of one node: the partition it holds and its device profile."""
+
+    client: int
+    profile: Profile
+
+
+def discover(grid: Grid, min_nodes: int, timeout: float, cfg: RunConfig) -> dict[int, Member]:
+    """{node id: Member} for every node that answers (the run config goes along: with
+    ``profiles=auto`` a node picks its profile from its own hardware)."""
     nodes = wait_for_nodes(grid, min_nodes, timeout)
-    msgs = [Message(RecordDict({wire.CONFIG: ConfigRecord()}), message_type=WHOAMI, dst_node_id=n) for n in nodes]
+    config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
+    msgs = [Message(RecordDict({wire.CONFIG: config}), message_type=WHOAMI, dst_node_id=n) for n in nodes]
     found = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if not reply.has_error():
-            found[reply.metadata.src_node_id] = int(reply.content[wire.METRICS][wire.CLIENT_ID])
+            name = reply.content[wire.ADAPTER][wire.PROFILE] if wire.ADAPTER in reply.content else DEFAULT
+            client = int(reply.content[wire.METRICS][wire.CLIENT_ID])
+            found[reply.metadata.src_node_id] = Member(client, lookup(cfg, str(name)))
     return found
 
 
 class OrderedGrid:
-    """A Grid whose ``get_node_ids`` lists nodes by client id (unknown nodes last)."""
+    """A Grid whose ``get_node_ids`` lists nodes by client id (unknown nodes last), and whose
+    ``members`` says which client and profile each node holds."""
 
-    def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
+    def __init__(self, grid: Grid, members: Mapping[int, Member]) -> None:
         self._grid = grid
-        self._clients = clients
+        self.members: Mapping[int, Member] = MappingProxyType(dict(members))
 
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self._grid.get_node_ids())
-        return sorted(ids, key=lambda n: (n not in self._clients, self._clients.get(n, 0), n))
+        known = self.members
+        return sorted(ids, key=lambda n: (n not in known, known[n].client if n in known else 0, n))
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

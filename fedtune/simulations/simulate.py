@@ -3,15 +3,13 @@
 We call ``flwr.simulation.run_simulation`` rather than ``flwr run``: the latter syncs the
 app's dependencies into a fresh environment (pulling a CUDA torch here), while this runs in
 the environment the user already has. Flower marks it deprecated; it is the supported way
-to start the same ServerApp/ClientApp in-process, so its warning is filtered, not hidden
-elsewhere.
+to start the same ServerApp/ClientApp in-process; its notice shows with --verbose.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,9 @@ def preflight(cfg: RunConfig) -> None:
     partition_indices(cfg.data, cfg.partition, cfg.federation.seed)
     load_tokenizer(cfg.model.model)
     shared_model(cfg.model, ds.num_labels, cfg.federation.seed)
+    from fedtune.privacy.federation import preflight as privacy_preflight  # noise calibration, DP wrappers
+
+    privacy_preflight(cfg)
 
 
 def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False) -> dict[str, Any]:
@@ -60,18 +61,16 @@ def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progres
     server_app = make_server_app(cfg, run, progress)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
+    if not verbose:  # Flower's own log (incl. the run_simulation deprecation notice) only with --verbose
+        flwr_logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=cfg.partition.num_clients,
-                backend_config=backend_config(cfg),
-                verbose_logging=verbose,
-            )
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.partition.num_clients,
+            backend_config=backend_config(cfg),
+            verbose_logging=verbose,
+        )
     finally:
         flwr_logger.setLevel(level)
     if not (run.path / "summary.json").exists():

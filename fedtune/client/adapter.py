@@ -1,0 +1,63 @@
+"""The client's side of heterogeneous ranks: which profile this node holds, the model it
+runs for it, what it takes from a message, what it keeps, and what its replies state.
+
+A simulation actor serves many clients with one cached model per profile, so every message
+fully determines the model it runs on: which tensors train (the strategy's recipe), the
+frozen base (``set_base``: absolute, W0 + delta), and the trainable tensors, taken from the
+message, else from this node's own ``context.state`` (FedSA's B), else as built (a fresh
+adapter, FLoRA).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message
+
+from fedtune import wire
+from fedtune.adapters import scalings, set_base
+from fedtune.client.worker import Worker, get_worker
+from fedtune.config import RunConfig
+from fedtune.modeling import load_trainable_state, trainable_state
+from fedtune.profiles import Profile, apply, assign
+from fedtune.strategies.recipes import recipe_for
+
+LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this node
+
+
+def node_profile(cfg: RunConfig, context: Context) -> Profile:
+    return assign(cfg, int(context.node_config["partition-id"]))
+
+
+def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
+    """(the run config as this client runs it, its client id, its worker with the model
+    loaded as the message says)."""
+    run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+    client = int(context.node_config["partition-id"])
+    cfg = apply(run, node_profile(run, context))
+    worker = get_worker(cfg, client)
+    recipe = recipe_for(cfg.federation.strategy)
+    recipe.prepare(worker.model, worker.initial, cfg.federation.seed)
+    base, received = wire.split_base(wire.from_record(msg.content[wire.ARRAYS]))
+    set_base(worker.model, base)
+    names = [n for n, p in worker.model.named_parameters() if p.requires_grad]
+    state = {n: worker.initial[n] for n in names}
+    if LOCAL in context.state:
+        local = wire.from_record(context.state[LOCAL])
+        state.update({k: v for k, v in local.items() if k in state and recipe.keeps(k)})
+    state.update(received)
+    load_trainable_state(worker.model, state)
+    return cfg, client, worker
+
+
+def reply_adapter(cfg: RunConfig, worker: Worker, context: Context) -> tuple[dict[str, float | int], ConfigRecord]:
+    """After training: keep this node's local tensors in ``context.state``, and return what
+    the reply states (MetricRecord entries: rank, alpha, scale, rsLoRA; ConfigRecord: profile)."""
+    recipe = recipe_for(cfg.federation.strategy)
+    if recipe.local:
+        mine = {k: v for k, v in trainable_state(worker.model).items() if recipe.keeps(k)}
+        context.state[LOCAL] = wire.to_record(mine)
+    scales = set(scalings(worker.model).values())
+    if len(scales) != 1:
+        raise RuntimeError(f"adapter layers with different scalings: {sorted(scales)}")
+    stated = {wire.RANK: cfg.model.lora_rank, wire.ALPHA: cfg.model.lora_alpha, wire.SCALE: scales.pop(),
+              wire.RSLORA: int(cfg.model.use_rslora)}
+    return stated, ConfigRecord({wire.PROFILE: node_profile(cfg, context).name})

@@ -1,0 +1,198 @@
+"""Device profiles: what a client can afford (adapter rank, adapted layers, batch, steps).
+
+A heterogeneous federation gives weak devices a small LoRA rank on few layers and strong
+ones a large rank on all layers (HetLoRA, Cho et al., 2024; FlexLoRA, Bai et al., 2024).
+Fewer layers means the *deepest* ones (LEGEND, Liu et al., 2024: deeper layers first), via
+peft's ``layers_to_transform``. Profiles are built in or defined per run; a run assigns them
+to clients with one flat key, ``profiles``:
+
+- ``""`` (default): none, every client uses the run's ``lora-rank`` / ``lora-layers``;
+- ``"gpu-large,gpu-small,cpu-edge"``: round-robin by client id (a list of ``num-clients``
+  names assigns every client explicitly);
+- ``"gpu-large:0.2,cpu-edge:0.8"``: proportions, contiguous blocks of client ids;
+- ``"auto"``: each client picks from its own hardware (``detect_profile``).
+
+User profiles (``profile-defs``, or ``[profiles.NAME]`` tables in a TOML file) are strings
+``"NAME lora-rank=4 layers=2 batch-size=8"``; unset fields inherit the run's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedtune.errors import ConfigError
+from fedtune.registry import Registry
+
+AUTO = "auto"
+DEFAULT = "default"  # the implicit profile of a run without profiles
+LARGE_GPU_BYTES = 16 * 2**30  # free GPU memory from which a device counts as gpu-large
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One device class. ``None`` fields inherit the run's setting."""
+
+    name: str
+    lora_rank: int
+    layers: int = 0  # how many of the deepest transformer layers carry adapters; 0 = all
+    batch_size: int | None = None
+    local_steps: int | None = None
+    num_cpus: int | None = None  # torch threads of the client (simulation actors all get client-cpus)
+    num_gpus: float = 0.0  # the GPU share the device class has; informs detection only (training is on CPU)
+
+    def __post_init__(self) -> None:
+        for key, value, low in (("lora-rank", self.lora_rank, 1), ("layers", self.layers, 0),
+                                ("batch-size", self.batch_size, 1), ("local-steps", self.local_steps, 1),
+                                ("num-cpus", self.num_cpus, 1)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ConfigError(f"bad profile {self.name!r}: {key}={value!r} must be an integer >= {low}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"bad profile {self.name!r}: num-gpus={self.num_gpus!r} must be >= 0")
+
+
+BUILTIN: Registry[Profile] = Registry("profile")
+for _p in (Profile("gpu-large", 16, num_gpus=1.0), Profile("gpu-small", 8, num_gpus=1.0),
+           Profile("cpu-edge", 2, layers=3, batch_size=8)):
+    BUILTIN.register(_p.name)(_p)
+
+_FIELDS = {"lora-rank": int, "layers": int, "batch-size": int, "local-steps": int, "num-cpus": int, "num-gpus": float}
+
+
+def parse_def(spec: str) -> Profile:
+    """``"NAME lora-rank=4 layers=2"`` -> Profile; a bad field is a one-line ConfigError."""
+    name, *items = spec.split()
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in _FIELDS:
+            raise ConfigError(f"bad profile {name!r}: {item!r}; fields: {', '.join(_FIELDS)}")
+        try:
+            values[key.replace("-", "_")] = _FIELDS[key](raw)
+        except ValueError:
+            raise ConfigError(f"bad profile {name!r}: {key}={raw!r} is not a {_FIELDS[key].__name__}") from None
+    if "lora_rank" not in values:
+        raise ConfigError(f"bad profile {name!r}: lora-rank is required")
+    return Profile(name, **values)
+
+
+def to_def(name: str, table: dict[str, Any]) -> str:
+    """A TOML ``[profiles.NAME]`` table -> the spec string ``parse_def`` reads."""
+    return " ".join([name, *(f"{k.replace('_', '-')}={v}" for k, v in table.items())])
+
+
+def registry(defs: Sequence[str] = ()) -> Registry[Profile]:
+    """The built-in profiles plus the run's own (``profile-defs``)."""
+    table: Registry[Profile] = Registry("profile")
+    for p in [BUILTIN.get(n) for n in BUILTIN] + [parse_def(s) for s in defs if s.strip()]:
+        if p.name in table or p.name in (AUTO, DEFAULT):
+            raise ConfigError(f"bad profile {p.name!r}: the name is taken")
+        table.register(p.name)(p)
+    return table
+
+
+def _parse_assignment(spec: str, table: Registry[Profile]) -> list[tuple[Profile, float | None]]:
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, sep, share = item.partition(":")
+        try:
+            out.append((table.get(name.strip()), float(share) if sep else None))
+        except ValueError:
+            raise ConfigError(f"bad value profiles={spec!r}: {share!r} is not a proportion") from None
+    shares = [s for _, s in out]
+    if any(s is None for s in shares) and any(s is not None for s in shares):
+        raise ConfigError(f"bad value profiles={spec!r}: give every profile a proportion, or none")
+    if shares and shares[0] is not None and (min(shares) <= 0 or abs(sum(shares) - 1.0) > 1e-6):
+        raise ConfigError(f"bad value profiles={spec!r}: proportions must be > 0 and sum to 1")
+    return out
+
+
+def check(spec: str, defs: Sequence[str]) -> None:
+    """Validate ``profiles`` and ``profile-defs`` (called once, by the config)."""
+    table = registry(defs)
+    if spec.strip() not in ("", AUTO):
+        _parse_assignment(spec, table)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    free_gpu_bytes: int  # on the emptiest GPU; 0 without one
+
+
+def probe_hardware() -> Hardware:
+    """CUDA devices and their free memory (``torch.cuda.mem_get_info``); CPU-only otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return Hardware(0, 0)
+    n = torch.cuda.device_count()
+    return Hardware(n, max(torch.cuda.mem_get_info(i)[0] for i in range(n)))
+
+
+def detect_profile(probe: Callable[[], Hardware] = probe_hardware) -> Profile:
+    """A real client's built-in profile from its hardware: a GPU with >= 16 GiB free ->
+    gpu-large, a smaller GPU -> gpu-small, no GPU -> cpu-edge."""
+    hw = probe()
+    if hw.gpus == 0:
+        return BUILTIN.get("cpu-edge")
+    return BUILTIN.get("gpu-large" if hw.free_gpu_bytes >= LARGE_GPU_BYTES else "gpu-small")
+
+
+def default_profile(lora_rank: int, lora_layers: int) -> Profile:
+    """The implicit profile of a run without ``profiles``: the run's own adapter."""
+    return Profile(DEFAULT, lora_rank, lora_layers)
+
+
+def assign(cfg, client: int, probe: Callable[[], Hardware] = probe_hardware) -> Profile:
+    """The profile of ``client`` under ``cfg`` (a RunConfig)."""
+    spec, n = cfg.federation.profiles.strip(), cfg.partition.num_clients
+    if not spec:
+        return default_profile(cfg.model.lora_rank, cfg.model.lora_layers)
+    if spec == AUTO:
+        return detect_profile(probe)
+    items = _parse_assignment(spec, registry(cfg.federation.profile_defs))
+    if items[0][1] is None:
+        return items[client % len(items)][0]
+    point, acc = (client + 0.5) / n, 0.0
+    for profile, share in items:
+        acc += share
+        if point < acc:
+            return profile
+    return items[-1][0]
+
+
+def candidates(cfg) -> list[Profile]:
+    """Every profile a client of ``cfg`` may hold (for ``auto``: every known profile)."""
+    spec = cfg.federation.profiles.strip()
+    if not spec:
+        return [default_profile(cfg.model.lora_rank, cfg.model.lora_layers)]
+    table = registry(cfg.federation.profile_defs)
+    if spec == AUTO:
+        return [table.get(n) for n in table]
+    return list({p.name: p for p, _ in _parse_assignment(spec, table)}.values())
+
+
+def lookup(cfg, name: str) -> Profile:
+    """A profile by name under ``cfg`` (``default`` = the run's own adapter)."""
+    if name == DEFAULT:
+        return default_profile(cfg.model.lora_rank, cfg.model.lora_layers)
+    return registry(cfg.federation.profile_defs).get(name)
+
+
+def apply(cfg, profile: Profile):
+    """``cfg`` as the client holding ``profile`` runs it: its rank, layers, batch, steps, threads."""
+    model = replace(cfg.model, lora_rank=profile.lora_rank, lora_layers=profile.layers)
+    train = replace(cfg.train, batch_size=profile.batch_size or cfg.train.batch_size,
+                    local_steps=profile.local_steps or cfg.train.local_steps)
+    fed = replace(cfg.federation, client_cpus=profile.num_cpus or cfg.federation.client_cpus)
+    return replace(cfg, model=model, train=train, federation=fed)
+
+
+def server_model(cfg):
+    """The server's ModelConfig: the largest rank any client may hold, on every layer (the
+    global adapter each client's slice is cut from); without profiles, the run's own."""
+    if not cfg.federation.profiles.strip():
+        return cfg.model
+    return replace(cfg.model, lora_rank=max(p.lora_rank for p in candidates(cfg)), lora_layers=0)
