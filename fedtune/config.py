@@ -117,6 +117,9 @@ class FederationConfig:
     client_gpus: float = 0.0
     profiles: str = ""  # device profiles of the clients (fedtune/profiles.py): names, name:share, or auto
     profile_defs: tuple[str, ...] = ()  # the run's own profiles: "NAME lora-rank=4 layers=2 ..."
+    # where clients of a strategy with a personal part (fedsa's B) write client-<id>.safetensors
+    # after each round, for ``fedtune export --client``; "" = nowhere (simulate: <run dir>/clients)
+    client_state_dir: str = ""
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles

@@ -68,6 +68,7 @@ CLIENT = {"dp": "client-fixed", "noise-multiplier": "1", "head-init": "random"}
         ({**CLIENT, "strategy": "fedadam"}, "strategy='fedadam'"),
         ({**CLIENT, "dp": "client-adaptive", "strategy": "fedavgm"}, "strategy='fedavgm'"),
         ({**CLIENT, "profiles": "auto"}, "profiles='auto'"),
+        ({**CLIENT, "dp": "client-adaptive", "profiles": "gpu-small,cpu-edge"}, "profiles='gpu-small,cpu-edge'"),
         ({"target-epsilon": "3"}, "only used with dp="),
         ({"dp": "sample", "head-init": "random"}, "set exactly one of target-epsilon"),
         ({"dp": "sample", "head-init": "random", "target-epsilon": "3", "noise-multiplier": "1"}, "set exactly one"),

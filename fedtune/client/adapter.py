@@ -5,12 +5,18 @@ A simulation actor serves many clients with one cached model per profile, so eve
 fully determines the model it runs on: which tensors train (the strategy's recipe), the
 frozen base (``set_base``: absolute, W0 + delta), and the trainable tensors, taken from the
 message, else from this node's own ``context.state`` (FedSA's B), else as built (a fresh
-adapter, FLoRA).
+adapter, FLoRA). With a ``client-state-dir`` the personal tensors also go to
+``client-<id>.safetensors`` after every training round: ``fedtune export --client ID`` reads
+them (it pairs them with the run's final global adapter).
 """
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import ConfigRecord, Context, Message
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
 
 from fedtune import wire
 from fedtune.adapters import scalings, set_base
@@ -18,6 +24,7 @@ from fedtune.client.worker import Worker, get_worker
 from fedtune.config import RunConfig
 from fedtune.modeling import load_trainable_state, trainable_state
 from fedtune.profiles import Profile, apply, assign
+from fedtune.server.run_dir import client_state_file
 from fedtune.strategies.recipes import recipe_for
 
 LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this node
@@ -48,13 +55,40 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
     return cfg, client, worker
 
 
-def reply_adapter(cfg: RunConfig, worker: Worker, context: Context) -> tuple[dict[str, float | int], ConfigRecord]:
-    """After training: keep this node's local tensors in ``context.state``, and return what
-    the reply states (MetricRecord entries: rank, alpha, scale, rsLoRA; ConfigRecord: profile)."""
+def save_personal(cfg: RunConfig, client: int, profile: Profile, tensors: dict[str, Tensor], server_round: int) -> None:
+    """Write this client's personal tensors to ``<client-state-dir>/client-<id>.safetensors``
+    (nothing without a client-state-dir), atomically: a temporary file in the same folder,
+    fsync, rename. The metadata says which profile (rank, layers) the tensors belong to."""
+    folder = cfg.federation.client_state_dir
+    if not folder:
+        return
+    path = client_state_file(folder, client)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"client": str(client), "profile": profile.name, "lora-rank": str(cfg.model.lora_rank),
+            "strategy": cfg.federation.strategy, "round": str(server_round)}
+    data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def reply_adapter(
+    cfg: RunConfig, worker: Worker, context: Context, server_round: int = 0
+) -> tuple[dict[str, float | int], ConfigRecord]:
+    """After training: keep this node's local tensors in ``context.state`` (and, with a
+    client-state-dir, in its file), and return what the reply states (MetricRecord entries:
+    rank, alpha, scale, rsLoRA; ConfigRecord: profile)."""
     recipe = recipe_for(cfg.federation.strategy)
     if recipe.local:
         mine = {k: v for k, v in trainable_state(worker.model).items() if recipe.keeps(k)}
         context.state[LOCAL] = wire.to_record(mine)
+        save_personal(cfg, int(context.node_config["partition-id"]), node_profile(cfg, context), mine, server_round)
     scales = set(scalings(worker.model).values())
     if len(scales) != 1:
         raise RuntimeError(f"adapter layers with different scalings: {sorted(scales)}")

@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
     weight = 0 if stats.get("budget_exhausted") else len(worker.data.train)  # spent: did not train, weight 0
-    stated, adapter = reply_adapter(cfg, worker, context)  # rank, alpha, scale, rsLoRA; profile
+    stated, adapter = reply_adapter(cfg, worker, context, server_round)  # rank, alpha, scale, rsLoRA; profile
     metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated})
     content = RecordDict({wire.ARRAYS: wire.to_record(trainable_state(worker.model)), wire.METRICS: metrics,
                           wire.ADAPTER: adapter})

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a finished run directory (with adapter/)")
     p.add_argument("--out", required=True, help="export folder to write (replaced if it is a previous export)")
     p.add_argument("--int8", action="store_true", help=f"also write a dynamically quantized {MODEL_INT8}")
+    p.add_argument("--client", type=int, default=None, metavar="ID",
+                   help="export client ID's personalised model (fedsa: global A + its own B) instead of the global one")
     p.add_argument("--examples", type=int, default=256, help="held-out test examples to verify on (default 256)")
     p.add_argument("--max-abs-diff", type=float, default=1e-4, help="fp32 parity tolerance on logits (default 1e-4)")
     p.add_argument("--latency-runs", type=int, default=50, help="timed runs per batch size and engine (default 50)")
@@ -42,8 +44,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         examples=args.examples, max_abs_diff=args.max_abs_diff, latency_runs=args.latency_runs, threads=args.threads
     )
     export = export_fp32_int8 if args.int8 else export_fp32
-    print(f"fedtune: exporting {args.run_dir} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
-    report = export(args.run_dir, args.out, options)
+    what = args.run_dir if args.client is None else f"{args.run_dir} (client {args.client})"
+    print(f"fedtune: exporting {what} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
+    report = export(args.run_dir, args.out, options, client=args.client)
     print(format_table(report))
     print(f"export written to {args.out}")
     return 0

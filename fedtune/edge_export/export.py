@@ -16,7 +16,7 @@ from fedtune.edge_export.assets import write_labels, write_tokenizer
 from fedtune.edge_export.errors import ParityError
 from fedtune.edge_export.folder import check_destination, staging
 from fedtune.edge_export.layout import MODEL_FP32, MODEL_INT8, REPORT, TOKENIZER
-from fedtune.edge_export.merge import LogitsOnly, load_run, merge
+from fedtune.edge_export.merge import LogitsOnly, load_client, load_run, merge
 from fedtune.edge_export.onnx_io import OPSET, export_onnx, quantize_int8
 from fedtune.edge_export.report import metadata, ratios
 from fedtune.edge_export.runtime import encode, open_session, read_tokenizer
@@ -34,14 +34,19 @@ class ExportOptions:
     threads: int = 1  # intra-op threads for torch and onnxruntime alike
 
 
-def export_fp32(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """model.onnx + tokenizer + labels + export_report.json in ``out``; returns the report."""
-    return _export(Path(run_dir), Path(out), options, ("fp32",))
+def export_fp32(
+    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None
+) -> dict[str, Any]:
+    """model.onnx + tokenizer + labels + export_report.json in ``out``; returns the report.
+    The run's global model, or with ``client`` that client's personalised model (FedSA)."""
+    return _export(Path(run_dir), Path(out), options, ("fp32",), client)
 
 
-def export_fp32_int8(run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
+def export_fp32_int8(
+    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None
+) -> dict[str, Any]:
     """As :func:`export_fp32`, plus a dynamically quantized model.int8.onnx."""
-    return _export(Path(run_dir), Path(out), options, ("fp32", "int8"))
+    return _export(Path(run_dir), Path(out), options, ("fp32", "int8"), client)
 
 
 @contextlib.contextmanager
@@ -54,9 +59,11 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _export(run_dir: Path, out: Path, options: ExportOptions, variants: tuple[str, ...]) -> dict[str, Any]:
+def _export(
+    run_dir: Path, out: Path, options: ExportOptions, variants: tuple[str, ...], client: int | None = None
+) -> dict[str, Any]:
     check_destination(out)  # fail before minutes of work, not after
-    run = load_run(run_dir)
+    run = load_run(run_dir) if client is None else load_client(run_dir, client)
     texts, gold = verify.sample_texts(run.cfg, options.examples)
     with torch_threads(options.threads), staging(out) as tmp:
         write_tokenizer(run.cfg.model.model, run.cfg.data.max_length, tmp)
@@ -73,7 +80,8 @@ def _export(run_dir: Path, out: Path, options: ExportOptions, variants: tuple[st
         checks = {"examples": len(texts), "reference_accuracy": verify.accuracy(reference, gold), **checks}
         timing = {f"batch_{b}": _time(engines, tok, texts, b, options) for b in (1, 8)}
         sizes = {v: (tmp / FILES[v]).stat().st_size for v in variants}
-        report = {**metadata(run_dir, run.cfg, run.labels, OPSET), **_results(options, checks, timing, sizes)}
+        report = {**metadata(run_dir, run.cfg, run.labels, OPSET), "exported": run.source,
+                  **_results(options, checks, timing, sizes)}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return report
 

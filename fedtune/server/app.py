@@ -22,13 +22,12 @@ from fedtune.profiles import server_model
 from fedtune.server.head import init_head
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
-from fedtune.server.run_dir import RunDir
+from fedtune.server.run_dir import BASE_DELTA_FILE, RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
 from fedtune.strategies.recipes import recipe_for
 
 ROUND_TIMEOUT = 3600.0
-BASE_DELTA_FILE = "base_delta.safetensors"  # {layer: dense delta of the frozen weight}, beside the adapter
 _BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS}
 Progress = Callable[[dict[str, Any]], None]
 

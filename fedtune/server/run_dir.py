@@ -13,9 +13,16 @@ from torch import nn
 from fedtune.config import RunConfig
 
 ADAPTER_DIR = "adapter"
+BASE_DELTA_FILE = "base_delta.safetensors"  # in ADAPTER_DIR: {layer: dense delta of the frozen weight}, W = W0 + delta
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
+CLIENTS_DIR = "clients"  # simulate()'s default client-state-dir: clients' personal tensors (fedsa's B)
+
+
+def client_state_file(folder: str | Path, client: int) -> Path:
+    """A client's personal tensors (safetensors, peft parameter names), for ``export --client``."""
+    return Path(folder) / f"client-{client}.safetensors"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -31,6 +38,8 @@ class RunDir:
     def create(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / METRICS).unlink(missing_ok=True)
+        for stale in (self.path / CLIENTS_DIR).glob("client-*.safetensors"):  # a previous run's clients
+            stale.unlink()
         _atomic_write(self.path / CONFIG, json.dumps({**cfg.to_flat(), **(extra or {})}, indent=2, sort_keys=True))
         return self
 

@@ -23,7 +23,9 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
         raise ValueError("the sequential reference implements fedavg only")
     n = cfg.partition.num_clients
     per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
-    model = get_worker(cfg, 0).model
+    worker = get_worker(cfg, 0)
+    model = worker.model
+    load_trainable_state(model, worker.initial)  # a fresh adapter, whatever ran before in this process
     evaluator = TestEvaluator(cfg)
     if cfg.train.head_init == "ncm":
         sums, counts, sqs = [], [], []

@@ -17,7 +17,8 @@ from fedtune.config import RunConfig
 from fedtune.data import load_dataset, partition_indices
 from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.server.app import Progress, make_server_app, print_progress
-from fedtune.server.run_dir import RunDir
+from fedtune.server.run_dir import CLIENTS_DIR, RunDir
+from fedtune.strategies.recipes import recipe_for
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,12 +51,23 @@ def preflight(cfg: RunConfig) -> None:
     privacy_preflight(cfg)
 
 
+def with_client_state_dir(cfg: RunConfig, out: str | Path) -> RunConfig:
+    """``cfg`` with ``client-state-dir`` = ``<out>/clients`` (absolute: the actors' working
+    directory may differ) when its strategy keeps personal tensors on the clients (fedsa) and
+    none is set; other runs are unchanged."""
+    if cfg.federation.client_state_dir or not recipe_for(cfg.federation.strategy).local:
+        return cfg
+    return cfg.replace(**{"client-state-dir": str(Path(out).resolve() / CLIENTS_DIR)})
+
+
 def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` and return its summary; everything lands in ``out``."""
+    """Run ``cfg`` and return its summary; everything lands in ``out`` (fedsa: each client's
+    own B in ``out/clients/``, unless ``client-state-dir`` says otherwise)."""
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import app as client_app
 
+    cfg = with_client_state_dir(cfg, out)
     preflight(cfg)
     run = RunDir(out).create(cfg)
     server_app = make_server_app(cfg, run, progress)
