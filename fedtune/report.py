@@ -31,6 +31,7 @@ def _plot(rows: list[dict], key: str, label: str, out: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="s", linestyle="--", label="clients (local val)")
             ax.legend()
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
