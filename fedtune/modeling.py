@@ -126,6 +126,16 @@ class SharedModel:
     model: nn.Module  # reused across rounds: each message loads its trainable state into it
     initial: dict[str, Tensor]  # the adapter and head as built, for a run's round 0
 
+    def reset(self) -> nn.Module:
+        """The model as built: a fresh adapter on the original base, whatever ran before in
+        this process (a run's server, or a second run in the same process)."""
+        from fedtune.adapters import set_base, set_trainable
+
+        set_trainable(self.model, self.initial)
+        set_base(self.model, {})
+        load_trainable_state(self.model, self.initial)
+        return self.model
+
 
 @functools.lru_cache(maxsize=8)  # a simulation actor may serve clients of several profiles
 def shared_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> SharedModel:

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -16,7 +15,7 @@ from fedtune import wire
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
-from fedtune.adapters import set_base, set_trainable
+from fedtune.adapters import set_base
 from fedtune.modeling import load_trainable_state, shared_model, num_parameters, trainable_state
 from fedtune.profiles import server_model
 from fedtune.server.head import init_head
@@ -44,13 +43,9 @@ def print_progress(row: dict[str, Any]) -> None:
 
 def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress) -> dict[str, Any]:
     """The whole federated run; returns the summary it also writes to the run directory."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset(cfg.data)
     shared = shared_model(server_model(cfg), ds.num_labels, seed=cfg.federation.seed)  # profiles: the largest rank
-    model = shared.model
-    set_trainable(model, shared.initial)  # a fresh adapter and base, whatever ran before here
-    set_base(model, {})
-    load_trainable_state(model, shared.initial)
+    model = shared.reset()
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = TestEvaluator(cfg)

@@ -34,7 +34,6 @@ def federated_budget(cfg: RunConfig) -> tuple[int, list[int]]:
 
 
 def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunDir(out).create(cfg, {"mode": "centralized"})
     ds = load_dataset(cfg.data)
     tok = load_tokenizer(cfg.model.model)

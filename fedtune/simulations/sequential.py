@@ -11,8 +11,9 @@ import numpy as np
 
 from fedtune.client.worker import get_worker
 from fedtune.config import RunConfig
+from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
-from fedtune.modeling import load_trainable_state, trainable_state
+from fedtune.modeling import load_trainable_state, shared_model, trainable_state
 from fedtune.strategies.aggregation import weighted_mean
 from fedtune.head_init import class_feature_sums, head_module, ncm_head, set_head
 from fedtune.training import Encoded, client_seed, train_local
@@ -23,9 +24,7 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
         raise ValueError("the sequential reference implements fedavg only")
     n = cfg.partition.num_clients
     per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
-    worker = get_worker(cfg, 0)
-    model = worker.model
-    load_trainable_state(model, worker.initial)  # a fresh adapter, whatever ran before in this process
+    model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()
     evaluator = TestEvaluator(cfg)
     if cfg.train.head_init == "ncm":
         sums, counts, sqs = [], [], []
