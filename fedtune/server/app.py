@@ -21,6 +21,7 @@ from fedtune.profiles import server_model
 from fedtune.server.head import init_head
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
+from fedtune.server.screen import build_screens
 from fedtune.server.run_dir import BASE_DELTA_FILE, RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
@@ -38,6 +39,8 @@ def print_progress(row: dict[str, Any]) -> None:
     )
     if row.get("failures"):
         line += f"  ({len(row['failures'])} failed)"
+    if row.get("rejected"):
+        line += f"  ({len(row['rejected'])} rejected: " + "; ".join(r["reason"] for r in row["rejected"]) + ")"
     print(line, file=sys.stderr, flush=True)
 
 
@@ -49,7 +52,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = TestEvaluator(cfg)
-    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed)
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg))
     rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
 
@@ -76,6 +79,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
             "seconds": now - clock["t"],
             "clients": stats.replied if stats else 0,
             "failures": stats.failures if stats else [],
+            "rejected": stats.rejected if stats else [],
         }
         for key, r in results.items():  # per profile (rank group), on the same test slice
             row.update({f"accuracy_{key}": r["accuracy"], f"loss_{key}": r["loss"]})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import wire
+from fedtune.server.screen import Screen, Sent
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RoundStats:
     sampled: int = 0
     replied: int = 0
     failures: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"client", "node", "reason"} per screened-out reply
     train: dict[str, float] = field(default_factory=dict)
     client_eval: dict[str, float] = field(default_factory=dict)
 
@@ -41,10 +43,12 @@ def _message_bytes(m: Message) -> int:
 class Metered(Strategy):
     """Delegates to ``inner``; records a ``RoundStats`` per round in ``self.rounds``."""
 
-    def __init__(self, inner: Strategy, seed: int) -> None:
+    def __init__(self, inner: Strategy, seed: int, screens: Sequence[Screen] = ()) -> None:
         self.inner = inner
         self.seed = seed
+        self.screens = list(screens)  # fedtune.server.screen: decode, validate
         self.rounds: dict[int, RoundStats] = {}
+        self.sent: Sent = {}  # this round's train messages' tensors, by destination node
 
     def summary(self) -> None:
         self.inner.summary()
@@ -54,6 +58,8 @@ class Metered(Strategy):
         random.seed(self.seed * 100_003 + server_round)  # Flower samples nodes with `random`
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         stats.sampled = len(msgs)
+        if self.screens:
+            self.sent = {m.metadata.dst_node_id: wire.from_record(m.content[wire.ARRAYS]) for m in msgs}
         stats.bytes_down += sum(_message_bytes(m) for m in msgs)
         return msgs
 
@@ -66,9 +72,21 @@ class Metered(Strategy):
             else:
                 stats.replied += 1
                 stats.bytes_up += _message_bytes(m)
+        replies = self._screen(server_round, replies, stats)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         stats.train = dict(metrics or {})
         return arrays, metrics
+
+    def _screen(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
+        failed = [m for m in replies if m.has_error()]
+        kept = [m for m in replies if not m.has_error()]
+        for screen in self.screens:
+            kept, rejected = screen(server_round, kept, self.sent)
+            for r in rejected:
+                client = r.message.content[wire.METRICS].get(wire.CLIENT_ID) if wire.METRICS in r.message.content else None
+                stats.rejected.append({"client": None if client is None else int(client),
+                                       "node": int(r.message.metadata.src_node_id), "reason": r.reason})
+        return failed + kept
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         random.seed(self.seed * 100_003 + server_round + 50_000)
