@@ -41,21 +41,28 @@ def _default_out(kind: str) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    cfg = _resolve(args)
+    if args.resume:  # the run's own config.json; nothing else may change it
+        from fedtune.server.resume import resume_config
+
+        cfg, out = resume_config(args.resume, args.config, args.set, args.out), Path(args.resume)
+    else:
+        cfg = _resolve(args)
+        out = Path(args.out) if args.out else _default_out("sim")
     from fedtune.simulations.simulate import simulate
 
-    out = Path(args.out) if args.out else _default_out("sim")
     f = cfg.federation
     print(
         f"fedtune: {f.strategy} on {cfg.data.dataset}, model {cfg.model.model}, {cfg.partition.num_clients} clients "
         f"({cfg.partition.partition}), {f.rounds} rounds -> {out}",
         file=sys.stderr,
     )
-    summary = simulate(cfg, out, verbose=args.verbose)
+    summary = simulate(cfg, out, verbose=args.verbose, resume=bool(args.resume))
     print(
         f"done: accuracy {summary['initial_accuracy']:.4f} (round 0) -> {summary['final_accuracy']:.4f} "
         f"(round {summary['rounds']}), {summary['seconds_per_round']:.1f} s/round; adapter in {summary['adapter']}"
     )
+    if "final_perplexity" in summary:  # task=causal-lm
+        print(f"perplexity {summary['initial_perplexity']:.2f} (round 0) -> {summary['final_perplexity']:.2f}")
     return 0
 
 
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", help="run directory (default: runs/sim-TIMESTAMP)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("centralized", help="train the same adapter on the pooled data (the ceiling)")
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands defined next to the code they drive (export, infer, ...)."""
     found = []
-    for module in ("fedtune.edge_export.commands",):
+    for module in ("fedtune.edge_export.commands", "fedtune.deploy.commands"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

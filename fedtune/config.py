@@ -66,13 +66,32 @@ class ModelConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     use_rslora: bool = False  # scaling alpha/sqrt(r) (Kalajdzievski, 2023) instead of alpha/r
     lora_layers: int = 0  # adapters on the deepest N transformer layers only (LEGEND); 0 = all
+    # adapter=sparse (fedtune/sparse, docs/sparse.md): trained share of each targeted weight's entries
+    sparse_density: float = 0.01
+    sparse_selection: str = "magnitude"  # magnitude (SpIEL) | random (PaCA, seeded) | ks (KS-Lottery)
+    sparse_warmup: int = 4  # local batches (magnitude) / dense warm-up steps (ks) used to choose the entries
+    sparse_keep: float = 0.0  # magnitude: share of the entries kept by |global delta| (prune-and-regrow)
+    task: str = "classify"  # classify (sequence classifier + head) | causal-lm (fedtune/tasks.py)
+    base_dtype: str = "float32"  # frozen base weights: float32 | bfloat16 | float16 (adapters stay fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
 
     def __post_init__(self) -> None:
+        _require(self.task in ("classify", "causal-lm"), "task", self.task, "must be classify or causal-lm")
+        _require(self.base_dtype in ("float32", "bfloat16", "float16"), "base-dtype", self.base_dtype,
+                 "must be float32, bfloat16 or float16")
         _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be a positive integer")
         _require(self.lora_layers >= 0, "lora-layers", self.lora_layers, "must be >= 0 (0 = all layers)")
         _require(0.0 < self.lora_alpha <= 4096, "lora-alpha", self.lora_alpha, "must be in (0, 4096]")
         _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target-modules", self.target_modules, "must name at least one module")
+        from fedtune.adapter_types import ADAPTERS, SELECTIONS
+
+        _require(self.adapter in ADAPTERS, "adapter", self.adapter, f"must be one of {', '.join(ADAPTERS)}")
+        _require(0.0 < self.sparse_density <= 1.0, "sparse-density", self.sparse_density, "must be in (0, 1]")
+        _require(self.sparse_selection in SELECTIONS, "sparse-selection", self.sparse_selection,
+                 f"must be one of {', '.join(SELECTIONS)}")
+        _require(self.sparse_warmup >= 1, "sparse-warmup", self.sparse_warmup, "must be >= 1")
+        _require(0.0 <= self.sparse_keep <= 1.0, "sparse-keep", self.sparse_keep, "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,18 @@ class FederationConfig:
     # where clients of a strategy with a personal part (fedsa's B) write client-<id>.safetensors
     # after each round, for ``fedtune export --client``; "" = nowhere (simulate: <run dir>/clients)
     client_state_dir: str = ""
+    # update compression, client to server (fedtune/compression, docs/sparse.md)
+    compression: str = "none"  # none | fp16 | int8 (per tensor) | int8-row (per row) | topk | dare
+    topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
+    dare_p: float = 0.9  # dare: drop probability; kept entries are rescaled by 1/(1-p)
+    error_feedback: bool = False  # clients add what compression lost to their next update
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies (and for nodes to connect)
+    # bad updates (docs/robustness.md): a reply whose update norm is above this many times the
+    # cohort's median is rejected; robust aggregation of the updates: none | norm-bound | median | trimmed-mean
+    max_norm_ratio: float = 10.0
+    robust: str = "none"
+    robust_norm_bound: float = 1.0  # norm-bound: each update's L2 norm is clipped to this
+    trim_fraction: float = 0.1  # trimmed-mean: share of the largest and of the smallest values dropped per coordinate
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles
@@ -132,7 +163,21 @@ class FederationConfig:
         _require(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "must be in [0, 1)")
         _require(self.client_cpus >= 1, "client-cpus", self.client_cpus, "must be >= 1")
         _require(self.client_gpus >= 0, "client-gpus", self.client_gpus, "must be >= 0")
+        _require(self.round_timeout > 0 and math.isfinite(self.round_timeout), "round-timeout", self.round_timeout,
+                 "must be > 0 seconds")
+        _require(self.max_norm_ratio > 1, "max-norm-ratio", self.max_norm_ratio, "must be > 1 (inf: no norm check)")
+        _require(self.robust_norm_bound > 0 and math.isfinite(self.robust_norm_bound), "robust-norm-bound",
+                 self.robust_norm_bound, "must be > 0")
+        _require(0.0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "must be in [0, 0.5)")
         check_profiles(self.profiles, self.profile_defs)
+        from fedtune.strategies.robust import check_robust
+
+        check_robust(self)
+        from fedtune.compression import CODECS
+
+        _require(self.compression in CODECS, "compression", self.compression, f"must be one of {', '.join(CODECS)}")
+        _require(0.0 < self.topk_fraction <= 1.0, "topk-fraction", self.topk_fraction, "must be in (0, 1]")
+        _require(0.0 <= self.dare_p < 1.0, "dare-p", self.dare_p, "must be in [0, 1)")
 
 
 DP_MODES = ("none", "sample", "client-fixed", "client-adaptive")
@@ -198,6 +243,12 @@ class RunConfig:
         from fedtune.privacy.rules import check_composition  # cross-section rules: refuse what breaks a guarantee
 
         check_composition(self)
+        from fedtune.compression.rules import check_compression  # sparse adapters and compression: what composes
+
+        check_compression(self)
+        from fedtune.tasks import check_task  # what a task cannot do (FedNCM heads for causal LMs, ...)
+
+        check_task(self)
 
     # -- flat views -------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:

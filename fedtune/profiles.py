@@ -41,6 +41,9 @@ class Profile:
     local_steps: int | None = None
     num_cpus: int | None = None  # torch threads of the client (simulation actors all get client-cpus)
     num_gpus: float = 0.0  # the GPU share the device class has; informs detection only (training is on CPU)
+    sparse_density: float | None = None  # adapter=sparse: this device's share of trained entries
+    base_dtype: str | None = None  # task=causal-lm: frozen base weights (bfloat16/float16 on GPUs); None = the run's
+    gradient_checkpointing: bool | None = None  # task=causal-lm: recompute activations; None = the run's
 
     def __post_init__(self) -> None:
         for key, value, low in (("lora-rank", self.lora_rank, 1), ("layers", self.layers, 0),
@@ -48,8 +51,13 @@ class Profile:
                                 ("num-cpus", self.num_cpus, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ConfigError(f"bad profile {self.name!r}: {key}={value!r} must be an integer >= {low}")
+        if self.sparse_density is not None and not 0.0 < self.sparse_density <= 1.0:
+            raise ConfigError(f"bad profile {self.name!r}: sparse-density={self.sparse_density!r} must be in (0, 1]")
         if self.num_gpus < 0:
             raise ConfigError(f"bad profile {self.name!r}: num-gpus={self.num_gpus!r} must be >= 0")
+        if self.base_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"bad profile {self.name!r}: base-dtype={self.base_dtype!r} must be float32, bfloat16 "
+                              "or float16")
 
 
 BUILTIN: Registry[Profile] = Registry("profile")
@@ -57,7 +65,17 @@ for _p in (Profile("gpu-large", 16, num_gpus=1.0), Profile("gpu-small", 8, num_g
            Profile("cpu-edge", 2, layers=3, batch_size=8)):
     BUILTIN.register(_p.name)(_p)
 
-_FIELDS = {"lora-rank": int, "layers": int, "batch-size": int, "local-steps": int, "num-cpus": int, "num-gpus": float}
+def flag(raw: str) -> bool:
+    """A profile's on/off field: 1/true/yes or 0/false/no."""
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(raw)
+
+
+_FIELDS = {"lora-rank": int, "layers": int, "batch-size": int, "local-steps": int, "num-cpus": int, "num-gpus": float,
+           "sparse-density": float, "base-dtype": str, "gradient-checkpointing": flag}
 
 
 def parse_def(spec: str) -> Profile:
@@ -183,9 +201,12 @@ def lookup(cfg, name: str) -> Profile:
 
 def apply(cfg, profile: Profile):
     """``cfg`` as the client holding ``profile`` runs it: its rank, layers, batch, steps, threads."""
-    model = replace(cfg.model, lora_rank=profile.lora_rank, lora_layers=profile.layers)
+    model = replace(cfg.model, lora_rank=profile.lora_rank, lora_layers=profile.layers,
+                    sparse_density=profile.sparse_density or cfg.model.sparse_density)
     train = replace(cfg.train, batch_size=profile.batch_size or cfg.train.batch_size,
                     local_steps=profile.local_steps or cfg.train.local_steps)
+    model = replace(model, base_dtype=profile.base_dtype or model.base_dtype, gradient_checkpointing=(
+        model.gradient_checkpointing if profile.gradient_checkpointing is None else profile.gradient_checkpointing))
     fed = replace(cfg.federation, client_cpus=profile.num_cpus or cfg.federation.client_cpus)
     return replace(cfg, model=model, train=train, federation=fed)
 

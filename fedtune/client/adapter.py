@@ -20,10 +20,13 @@ from torch import Tensor
 
 from fedtune import wire
 from fedtune.adapters import scalings, set_base
+from fedtune.client.node import local_data, profile_of
+from fedtune.client.restore import saved_personal
 from fedtune.client.worker import Worker, get_worker
+from fedtune.compression.downlink import densify
 from fedtune.config import RunConfig
 from fedtune.modeling import load_trainable_state, trainable_state
-from fedtune.profiles import Profile, apply, assign
+from fedtune.profiles import Profile, apply
 from fedtune.server.run_dir import client_state_file
 from fedtune.strategies.recipes import recipe_for
 
@@ -31,7 +34,7 @@ LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this 
 
 
 def node_profile(cfg: RunConfig, context: Context) -> Profile:
-    return assign(cfg, int(context.node_config["partition-id"]))
+    return profile_of(cfg, context)  # declared in the node config (profiles=auto), else assigned
 
 
 def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
@@ -40,16 +43,16 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
     run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     client = int(context.node_config["partition-id"])
     cfg = apply(run, node_profile(run, context))
-    worker = get_worker(cfg, client)
+    worker = get_worker(*local_data(cfg, client, context))  # deployed: the node's own data, if it has some
     recipe = recipe_for(cfg.federation.strategy)
     recipe.prepare(worker.model, worker.initial, cfg.federation.seed)
-    base, received = wire.split_base(wire.from_record(msg.content[wire.ARRAYS]))
+    base, received = wire.split_base(densify(wire.from_record(msg.content[wire.ARRAYS])))  # sparse downlink
     set_base(worker.model, base)
     names = [n for n, p in worker.model.named_parameters() if p.requires_grad]
     state = {n: worker.initial[n] for n in names}
-    if LOCAL in context.state:
-        local = wire.from_record(context.state[LOCAL])
-        state.update({k: v for k, v in local.items() if k in state and recipe.keeps(k)})
+    if recipe.local:  # this node's own tensors; after a restart, from its client-state-dir file
+        local = wire.from_record(context.state[LOCAL]) if LOCAL in context.state else saved_personal(cfg, client, msg)
+        state.update({k: v for k, v in local.items() if k in state and recipe.keeps(k) and v.shape == state[k].shape})
     state.update(received)
     load_trainable_state(worker.model, state)
     return cfg, client, worker

@@ -12,11 +12,13 @@ from flwr.clientapp import ClientApp
 
 from fedtune import wire
 from fedtune.client.adapter import node_profile, prepare, reply_adapter
+from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
-from fedtune.modeling import trainable_state
 from fedtune.head_init import class_feature_sums, head_module
 from fedtune.privacy.client import client_dp_mod, train_sample_dp
-from fedtune.training import Encoded, client_seed, evaluate, train_local
+from fedtune.sparse.train import train_sparse_client
+from fedtune.tasks import task_of
+from fedtune.training import Encoded, client_seed, train_local
 
 app = ClientApp()
 
@@ -31,14 +33,17 @@ def train(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = client_seed(cfg.federation.seed, server_round, client)
-    if cfg.privacy.dp == "sample":  # DP-SGD, this client's accountant kept across rounds and restarts
+    if cfg.model.adapter == "sparse":  # fedtune.sparse: choose entries, train only them (DP-SGD: seeded masks)
+        stats = train_sparse_client(worker, cfg, seed, context, client)
+    elif cfg.privacy.dp == "sample":  # DP-SGD, this client's accountant kept across rounds and restarts
         stats = train_sample_dp(worker, cfg, seed, context, client)
     else:
         stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
     weight = 0 if stats.get("budget_exhausted") else len(worker.data.train)  # spent: did not train, weight 0
     stated, adapter = reply_adapter(cfg, worker, context, server_round)  # rank, alpha, scale, rsLoRA; profile
     metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated})
-    content = RecordDict({wire.ARRAYS: wire.to_record(trainable_state(worker.model)), wire.METRICS: metrics,
+    arrays = encode_reply(cfg, worker.model, msg.content[wire.ARRAYS], context, seed)  # compressed / sparse: encoded
+    content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics,
                           wire.ADAPTER: adapter})
     return Message(content=content, reply_to=msg)
 
@@ -46,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
-    res = evaluate(worker.model, worker.data.val, cfg.train.eval_batch_size, worker.pad_id)
+    res = task_of(cfg).evaluate(worker.model, worker.data.val, cfg.train.eval_batch_size, worker.pad_id)
     metrics = MetricRecord({wire.WEIGHT: int(res["num_examples"]), wire.CLIENT_ID: client,
                             "accuracy": res["accuracy"], "loss": res["loss"]})
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from fedtune.config import DataConfig, PartitionConfig, RunConfig
 from fedtune.data import client_data, load_dataset
 from fedtune.modeling import load_tokenizer, shared_model
-from fedtune.training import Encoded, encode
+from fedtune.tasks import TASKS
+from fedtune.training import Encoded
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,12 @@ class LocalData:
 
 
 @functools.lru_cache(maxsize=64)
-def _data(data: DataConfig, part: PartitionConfig, model_name: str, seed: int, client: int) -> LocalData:
+def _data(data: DataConfig, part: PartitionConfig, model_name: str, seed: int, client: int,
+          task: str = "classify") -> LocalData:
     tok = load_tokenizer(model_name)
     cd = client_data(data, part, seed, client)
-    return LocalData(encode(tok, cd.train, data.max_length), encode(tok, cd.val, data.max_length))
+    enc = TASKS.get(task).encode  # classify: training.encode; causal-lm: chat template, answer-only labels
+    return LocalData(enc(tok, cd.train, data.max_length), enc(tok, cd.val, data.max_length))
 
 
 @dataclass
@@ -40,5 +43,5 @@ def get_worker(cfg: RunConfig, client: int) -> Worker:
     torch.set_num_threads(cfg.federation.client_cpus)
     num_labels = load_dataset(cfg.data).num_labels
     shared = shared_model(cfg.model, num_labels, cfg.federation.seed)
-    data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client)
+    data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client, cfg.model.task)
     return Worker(shared.model, data, load_tokenizer(cfg.model.model).pad_token_id or 0, shared.initial)

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("folder", help="a folder written by 'fedtune export'")
     p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one text per line from stdin")
+    p.add_argument("--generate", metavar="PROMPT", help="an LLM export: answer PROMPT (greedy, KV cache)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="with --generate (default 64)")
     p.add_argument("--int8", action="store_true", help=f"use {MODEL_INT8}")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     p.set_defaults(func=cmd_infer)
@@ -40,6 +42,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.examples < 1 or args.latency_runs < 1 or args.threads < 1 or not args.max_abs_diff > 0:
         raise ExportError("--examples, --latency-runs, --threads and --max-abs-diff must be positive")
+    if _run_task(args.run_dir) == "causal-lm":  # a decoder with a KV cache (fedtune/edge_export/export_lm.py)
+        return _export_lm(args)
     options = ExportOptions(
         examples=args.examples, max_abs_diff=args.max_abs_diff, latency_runs=args.latency_runs, threads=args.threads
     )
@@ -52,8 +56,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_task(run_dir: str) -> str:
+    import json
+    from pathlib import Path
+
+    try:
+        return str(json.loads((Path(run_dir) / "config.json").read_text()).get("task", "classify"))
+    except (OSError, ValueError):
+        return "classify"  # the classifier export reports what is missing
+
+
+def _export_lm(args: argparse.Namespace) -> int:
+    from fedtune.edge_export.errors import ExportError
+    from fedtune.edge_export.export_lm import LMExportOptions, export_lm, format_lm_table
+
+    if args.client is not None:
+        raise ExportError("--client: an LLM run exports its global model only")
+    options = LMExportOptions(max_abs_diff=args.max_abs_diff, int8=args.int8, threads=args.threads)
+    print(f"fedtune: exporting LLM {args.run_dir} -> {args.out} (decoder with KV cache), verifying greedy tokens",
+          file=sys.stderr)
+    print(format_lm_table(export_lm(args.run_dir, args.out, options)))
+    print(f"export written to {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedtune.edge_export.generator import EdgeGenerator
+
+    load = EdgeGenerator.int8 if args.int8 else EdgeGenerator
+    print(load(args.folder, threads=args.threads).generate(args.generate, args.max_new_tokens))
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from fedtune.edge_export.runtime import EdgeClassifier
+
+    if args.generate is not None:
+        return _generate(args)
 
     texts = sys.stdin.read().splitlines() if args.texts == ["-"] else args.texts
     load = EdgeClassifier.int8 if args.int8 else EdgeClassifier

@@ -96,7 +96,7 @@ def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
     from safetensors.torch import load_file
 
     from fedtune.adapters import set_base
-    from fedtune.modeling import build_model
+    from fedtune.modeling import build_model, load_trainable_state
     from fedtune.profiles import server_model
     from fedtune.server.run_dir import RunDir
 
@@ -108,11 +108,15 @@ def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
         model = build_model(mcfg, len(labels), seed=cfg.federation.seed)
     try:
         state = load_file(str(weights))
-        result = set_peft_model_state_dict(model, state)
+        if mcfg.adapter == "sparse":  # the head; the sparse delta is in the base deltas (fedtune.sparse)
+            load_trainable_state(model, state)
+            unexpected = []
+        else:
+            unexpected = set_peft_model_state_dict(model, state).unexpected_keys
     except Exception as exc:  # a truncated file, a shape mismatch: this run's adapter is unusable
         raise ExportError(f"the adapter in {run_dir} does not fit its base model: {_first_line(exc)}") from None
     trainable = sum(p.requires_grad for p in model.parameters())
-    if result.unexpected_keys or len(state) != trainable:
+    if unexpected or len(state) != trainable:
         raise ExportError(f"the adapter in {run_dir} has {len(state)} tensors, its base model expects {trainable}")
     deltas = _base_deltas(run_dir)
     try:

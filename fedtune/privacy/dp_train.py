@@ -31,7 +31,7 @@ from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import PrivacyAccountant
 from fedtune.privacy.calibrate import calibrate, sample_rate
 from fedtune.privacy.config import DPConfig
-from fedtune.training import Encoded, collate, make_optimizer, num_local_steps
+from fedtune.training import Encoded, make_optimizer, num_local_steps
 
 _OPACUS_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_processed")
 
@@ -160,9 +160,9 @@ def train_local_dp(
                 for _, p in named:
                     p.grad_sample = p.new_zeros((0, *p.shape))
             else:
-                batch = collate(enc, idx, pad_id)
-                logits = gsm(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [B, C]
-                loss = nn.functional.cross_entropy(logits, batch["labels"].to(device))
+                batch = enc.collate(idx, pad_id)  # the task's batching and per-example loss (fedtune/tasks.py)
+                logits = gsm(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [B, C] or [B, T, V]
+                loss = enc.loss(logits, batch["labels"].to(device))
                 loss.backward()
                 _check_grad_samples(named, len(idx))
                 losses.append(loss.detach().item())

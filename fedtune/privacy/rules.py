@@ -12,7 +12,10 @@ Refused (one-line ConfigError):
   noise to a *uniform mean of clipped updates*; FedAvgM/FedAdam apply their server
   optimiser to the un-noised mean inside the wrapper (the momentum / moment buffers would
   carry un-noised updates into later rounds), and rank-heterogeneous strategies do not
-  aggregate whole ArrayRecords of one shape (so ``profiles`` is refused too).
+  aggregate whole ArrayRecords of one shape (so ``profiles`` is refused too);
+- ``dp=sample`` with ``adapter=sparse`` and a data-dependent ``sparse-selection``
+  (``magnitude``, ``ks``): the mask itself is computed from private data without noise
+  (``random`` is allowed: its entries come from the run's seed).
 
 Allowed as post-processing (documented in docs/privacy.md): any server strategy with
 ``dp=sample`` (it only sees DP outputs), server-side evaluation, the saved adapter and its
@@ -46,6 +49,13 @@ def check_composition(cfg: RunConfig) -> None:
         raise ConfigError(
             f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids are computed on the "
             "clients' private examples without noise; set head-init=random"
+        )
+    selection = cfg.model.sparse_selection
+    if p.dp == "sample" and cfg.model.adapter == "sparse" and selection != "random":
+        raise ConfigError(
+            f"bad value sparse-selection={selection!r} with dp=sample: {selection} chooses the trained entries "
+            "from the client's private data (gradients / a warm-up), and that choice is not privatised; "
+            "use sparse-selection=random (seeded, data-independent)"
         )
     profiles = getattr(cfg.federation, "profiles", "")
     if p.client_level and profiles:

@@ -14,20 +14,22 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune import wire
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
-from fedtune.evaluation import TestEvaluator
+from fedtune.tasks import task_of
 from fedtune.adapters import set_base
 from fedtune.modeling import load_trainable_state, shared_model, num_parameters, trainable_state
 from fedtune.profiles import server_model
 from fedtune.server.head import init_head
+from fedtune.server import checkpoint
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.screen import build_screens
+from fedtune.sparse.layer import zero_deltas
+from fedtune.server.resume import Offset, load_for_resume
 from fedtune.server.run_dir import BASE_DELTA_FILE, RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
 from fedtune.strategies.recipes import recipe_for
 
-ROUND_TIMEOUT = 3600.0
 _BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS}
 Progress = Callable[[dict[str, Any]], None]
 
@@ -37,28 +39,43 @@ def print_progress(row: dict[str, Any]) -> None:
         f"round {row['round']:>3}/{row['rounds']}  accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
         f"  up {row['bytes_up'] / 1e6:7.3f} MB  down {row['bytes_down'] / 1e6:7.3f} MB  {row['seconds']:6.1f} s"
     )
+    if "perplexity" in row:
+        line += f"  perplexity {row['perplexity']:.2f}"
     if row.get("failures"):
         line += f"  ({len(row['failures'])} failed)"
+    if row.get("missing"):
+        line += f"  (missing clients: {', '.join(str(c) for c in row['missing'])})"
+    if not row.get("aggregated", True):
+        line += "  (global model kept)"
     if row.get("rejected"):
         line += f"  ({len(row['rejected'])} rejected: " + "; ".join(r["reason"] for r in row["rejected"]) + ")"
     print(line, file=sys.stderr, flush=True)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress) -> dict[str, Any]:
-    """The whole federated run; returns the summary it also writes to the run directory."""
+def run_federation(
+    grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+) -> dict[str, Any]:
+    """The whole federated run; returns the summary it also writes to the run directory.
+    After every round a checkpoint goes to ``run/checkpoint``; ``resume`` continues from it."""
     ds = load_dataset(cfg.data)
     shared = shared_model(server_model(cfg), ds.num_labels, seed=cfg.federation.seed)  # profiles: the largest rank
     model = shared.reset()
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
-    evaluator = TestEvaluator(cfg)
-    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg))
+    evaluator = task_of(cfg).evaluator(cfg, run.path)  # classify: TestEvaluator; causal-lm: perplexity + generations
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg),
+                       min_replies=min(cfg.federation.min_train_nodes, cfg.partition.num_clients))
     rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
+    ckpt = load_for_resume(run.path, cfg.federation.rounds) if resume else None
+    if ckpt:
+        checkpoint.restore_strategy(strategy, ckpt.tensors, ckpt.meta)
+        checkpoint.restore_clients(ckpt, cfg.federation.client_state_dir)  # fedsa's personal B, as of that round
+    latest: dict[str, ArrayRecord] = {}  # the global arrays last evaluated: the run's result
 
     def model_states(arrays: ArrayRecord) -> dict[str, tuple[dict, dict]]:
         """{'': the global model, 'rank_r': each profile's model}: (base deltas, trainable)."""
-        return rank_aware.model_states(arrays) if rank_aware else {"": ({}, wire.from_record(arrays))}
+        return rank_aware.model_states(arrays) if rank_aware else {"": wire.split_base(wire.from_record(arrays))}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         results = {}
@@ -67,6 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
             load_trainable_state(model, state)
             results[key] = evaluator(model)
         res = results.pop("")
+        evaluator.end_round(server_round, model)  # the global model is loaded last (causal-lm: generations)
         stats = strategy.rounds.get(server_round)
         now = time.perf_counter()
         row = {
@@ -80,7 +98,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
             "clients": stats.replied if stats else 0,
             "failures": stats.failures if stats else [],
             "rejected": stats.rejected if stats else [],
+            "missing": stats.missing if stats else [],  # sampled clients whose good reply never came
+            "aggregated": stats.aggregated if stats else server_round == 0,
         }
+        if stats and stats.note:
+            row["note"] = stats.note
+        row.update({k: v for k, v in res.items() if k not in row and k != "num_examples"})  # e.g. perplexity
         for key, r in results.items():  # per profile (rank group), on the same test slice
             row.update({f"accuracy_{key}": r["accuracy"], f"loss_{key}": r["loss"]})
         if stats:
@@ -88,27 +111,31 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
             row.update({f"client_{k}": v for k, v in stats.client_eval.items() if k not in _BOOKKEEPING})
         clock["t"] = now
         run.append_metrics(row)
+        checkpoint.save(run.path, server_round, arrays, strategy, cfg.federation.client_state_dir)  # after the row
+        latest["arrays"] = arrays
         progress(row)
         return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
 
     run_config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json()})
     started = time.perf_counter()
-    grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, ROUND_TIMEOUT, cfg))
-    if cfg.train.head_init == "ncm":
+    timeout = cfg.federation.round_timeout
+    grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, timeout, cfg))
+    if cfg.train.head_init == "ncm" and not ckpt:
         per_node = None
         if rank_aware:  # each node gets the server's initial adapter at its own rank
             per_node = lambda node, arrays: rank_aware.node_arrays(arrays, grid.members[node].profile)  # noqa: E731
-        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, ROUND_TIMEOUT, per_node)
-    result = strategy.start(
+        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, timeout, per_node)
+    offset = Offset(strategy, ckpt.round if ckpt else 0)  # resumed: rounds keep their true numbers
+    offset.start(
         grid=grid,
-        initial_arrays=wire.to_record(trainable_state(model)),
-        num_rounds=cfg.federation.rounds,
-        timeout=ROUND_TIMEOUT,
+        initial_arrays=ckpt.arrays if ckpt else wire.to_record({**trainable_state(model), **zero_deltas(model)}),
+        num_rounds=cfg.federation.rounds - offset.done,
+        timeout=timeout,
         train_config=run_config,
         evaluate_config=ConfigRecord(dict(run_config)),
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=offset.evaluate_fn(evaluate_fn),
     )
-    base, state = model_states(result.arrays)[""]
+    base, state = model_states(latest.get("arrays") or ckpt.arrays)[""]
     set_base(model, {})  # the adapter is saved on the original base; base deltas go beside it
     load_trainable_state(model, state)
     adapter_dir = run.save_adapter(model, ds.label_names)
@@ -130,15 +157,19 @@ def run_federation(grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress =
         "adapter": str(adapter_dir),
         "eval_examples": len(evaluator.enc),
     }
+    if "perplexity" in rows[0]:  # causal-lm
+        summary.update(initial_perplexity=rows[0]["perplexity"], final_perplexity=rows[-1]["perplexity"])
     run.write_summary(summary)
     return summary
 
 
-def make_server_app(cfg: RunConfig, run: RunDir, progress: Progress = print_progress) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run, progress)
+        run_federation(grid, cfg, run, progress, resume)
 
     return app

@@ -28,6 +28,10 @@ class RoundStats:
     replied: int = 0
     failures: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)  # {"client", "node", "reason"} per screened-out reply
+    sampled_nodes: list[int] = field(default_factory=list)
+    missing: list[int | None] = field(default_factory=list)  # clients sampled whose good reply never came
+    aggregated: bool = True  # False: too few good replies (or none released); the global model is kept
+    note: str = ""  # why the round did not aggregate
     train: dict[str, float] = field(default_factory=dict)
     client_eval: dict[str, float] = field(default_factory=dict)
 
@@ -40,15 +44,24 @@ def _message_bytes(m: Message) -> int:
     return n
 
 
+def _stated_client(m: Message) -> int | None:
+    """The client id a reply states, if it states a sensible one."""
+    met = m.content.get(wire.METRICS)
+    value = met.get(wire.CLIENT_ID) if isinstance(met, MetricRecord) else None
+    return int(value) if isinstance(value, (int, float)) and float(value).is_integer() else None
+
+
 class Metered(Strategy):
     """Delegates to ``inner``; records a ``RoundStats`` per round in ``self.rounds``."""
 
-    def __init__(self, inner: Strategy, seed: int, screens: Sequence[Screen] = ()) -> None:
+    def __init__(self, inner: Strategy, seed: int, screens: Sequence[Screen] = (), min_replies: int = 1) -> None:
         self.inner = inner
         self.seed = seed
         self.screens = list(screens)  # fedtune.server.screen: decode, validate
+        self.min_replies = min_replies  # good replies a round needs to change the global model (min-train-nodes)
         self.rounds: dict[int, RoundStats] = {}
         self.sent: Sent = {}  # this round's train messages' tensors, by destination node
+        self.members: dict = {}  # node id -> Member (fedtune.server.nodes), when the grid knows them
 
     def summary(self) -> None:
         self.inner.summary()
@@ -58,8 +71,13 @@ class Metered(Strategy):
         random.seed(self.seed * 100_003 + server_round)  # Flower samples nodes with `random`
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         stats.sampled = len(msgs)
+        stats.sampled_nodes = [m.metadata.dst_node_id for m in msgs]
+        self.members = dict(getattr(grid, "members", None) or {})
         if self.screens:
             self.sent = {m.metadata.dst_node_id: wire.from_record(m.content[wire.ARRAYS]) for m in msgs}
+            for screen in self.screens:  # screens that want the round's global arrays and roster (validate)
+                if hasattr(screen, "begin_round"):
+                    screen.begin_round(server_round, arrays, grid)
         stats.bytes_down += sum(_message_bytes(m) for m in msgs)
         return msgs
 
@@ -73,19 +91,34 @@ class Metered(Strategy):
                 stats.replied += 1
                 stats.bytes_up += _message_bytes(m)
         replies = self._screen(server_round, replies, stats)
+        good = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        stats.missing = sorted((self._client(n) for n in stats.sampled_nodes if n not in good),
+                               key=lambda c: (c is None, c or 0))
+        if len(good) < self.min_replies:  # the round completes; the global model stays as it was
+            stats.aggregated = False
+            stats.note = f"{len(good)} good replies of {self.min_replies} required: global model kept"
+            return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         stats.train = dict(metrics or {})
+        if arrays is None:
+            stats.aggregated, stats.note = False, stats.note or "the strategy released no aggregate: global model kept"
         return arrays, metrics
+
+    def _client(self, node: int) -> int | None:
+        member = self.members.get(node)
+        return None if member is None else int(member.client)
 
     def _screen(self, server_round: int, replies: list[Message], stats: RoundStats) -> list[Message]:
         failed = [m for m in replies if m.has_error()]
         kept = [m for m in replies if not m.has_error()]
         for screen in self.screens:
             kept, rejected = screen(server_round, kept, self.sent)
-            for r in rejected:
-                client = r.message.content[wire.METRICS].get(wire.CLIENT_ID) if wire.METRICS in r.message.content else None
-                stats.rejected.append({"client": None if client is None else int(client),
-                                       "node": int(r.message.metadata.src_node_id), "reason": r.reason})
+            for r in rejected:  # the client the node holds (the reply's own statement may be the bad part)
+                node = int(r.message.metadata.src_node_id)
+                client = self._client(node)
+                if client is None:
+                    client = _stated_client(r.message)
+                stats.rejected.append({"client": client, "node": node, "reason": r.reason})
         return failed + kept
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

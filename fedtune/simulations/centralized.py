@@ -18,10 +18,10 @@ import torch
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.data.partition import partition_indices, train_pool
-from fedtune.evaluation import TestEvaluator
 from fedtune.modeling import build_model, load_tokenizer
 from fedtune.server.run_dir import RunDir
-from fedtune.training import BatchStream, encode, make_optimizer, num_local_steps, run_steps, warmup
+from fedtune.tasks import task_of
+from fedtune.training import BatchStream, make_optimizer, num_local_steps, run_steps, warmup
 
 
 def federated_budget(cfg: RunConfig) -> tuple[int, list[int]]:
@@ -34,12 +34,16 @@ def federated_budget(cfg: RunConfig) -> tuple[int, list[int]]:
 
 
 def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    if cfg.model.adapter != "lora":
+        from fedtune.errors import ConfigError
+
+        raise ConfigError(f"bad value adapter={cfg.model.adapter!r}: the centralized ceiling trains LoRA only")
     run = RunDir(out).create(cfg, {"mode": "centralized"})
     ds = load_dataset(cfg.data)
     tok = load_tokenizer(cfg.model.model)
-    enc = encode(tok, train_pool(cfg.data, cfg.federation.seed), cfg.data.max_length)
+    enc = task_of(cfg).encode(tok, train_pool(cfg.data, cfg.federation.seed), cfg.data.max_length)
     model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
-    evaluator = TestEvaluator(cfg)
+    evaluator = task_of(cfg).evaluator(cfg)
     steps_per_round, _ = federated_budget(cfg)
     # one optimizer for the whole run, evaluated at each round-equivalent
     torch.manual_seed(cfg.federation.seed)
@@ -47,7 +51,9 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     sched = warmup(opt, cfg.train.warmup_steps)
     batches = BatchStream(enc, cfg.train.batch_size, cfg.federation.seed, tok.pad_token_id or 0)
     res = evaluator(model)
-    run.append_metrics({"round": 0, "accuracy": res["accuracy"], "loss": res["loss"], "steps": 0, "seconds": 0.0})
+    extra = lambda res: {k: v for k, v in res.items() if k == "perplexity"}  # noqa: E731 (causal-lm)
+    run.append_metrics({"round": 0, "accuracy": res["accuracy"], "loss": res["loss"], "steps": 0, "seconds": 0.0,
+                        **extra(res)})
     started, total = time.perf_counter(), 0
     for r in range(1, cfg.federation.rounds + 1):
         t = time.perf_counter()
@@ -55,7 +61,7 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         total += steps_per_round
         res = evaluator(model)
         row = {"round": r, "accuracy": res["accuracy"], "loss": res["loss"], "steps": total,
-               "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t}
+               "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t, **extra(res)}
         run.append_metrics(row)
         print(f"round-equivalent {r} ({total} steps)  accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}", flush=True)
     run.save_adapter(model, ds.label_names)

@@ -20,8 +20,8 @@ from fedtune.training import Encoded, client_seed, train_local
 
 
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
-    if cfg.federation.strategy != "fedavg":
-        raise ValueError("the sequential reference implements fedavg only")
+    if cfg.federation.strategy != "fedavg" or cfg.model.adapter != "lora":
+        raise ValueError("the sequential reference implements fedavg of LoRA adapters only")
     n = cfg.partition.num_clients
     per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()

@@ -49,6 +49,9 @@ def preflight(cfg: RunConfig) -> None:
     from fedtune.privacy.federation import preflight as privacy_preflight  # noise calibration, DP wrappers
 
     privacy_preflight(cfg)
+    from fedtune.strategies import build_strategy  # robust aggregation: what the strategy refuses
+
+    build_strategy(cfg)
 
 
 def with_client_state_dir(cfg: RunConfig, out: str | Path) -> RunConfig:
@@ -60,17 +63,22 @@ def with_client_state_dir(cfg: RunConfig, out: str | Path) -> RunConfig:
     return cfg.replace(**{"client-state-dir": str(Path(out).resolve() / CLIENTS_DIR)})
 
 
-def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False) -> dict[str, Any]:
+def simulate(
+    cfg: RunConfig, out: str | Path, progress: Progress = print_progress, verbose: bool = False,
+    resume: bool = False, client_app: Any = None,
+) -> dict[str, Any]:
     """Run ``cfg`` and return its summary; everything lands in ``out`` (fedsa: each client's
-    own B in ``out/clients/``, unless ``client-state-dir`` says otherwise)."""
+    own B in ``out/clients/``, unless ``client-state-dir`` says otherwise). ``resume``:
+    continue the run in ``out`` from its last checkpoint (docs/robustness.md).
+    ``client_app``: another ClientApp than fedtune's (tests inject faults with it)."""
     from flwr.simulation import run_simulation
 
-    from fedtune.client.app import app as client_app
+    from fedtune.client.app import app as fedtune_client_app
 
     cfg = with_client_state_dir(cfg, out)
     preflight(cfg)
-    run = RunDir(out).create(cfg)
-    server_app = make_server_app(cfg, run, progress)
+    run = RunDir(out) if resume else RunDir(out).create(cfg)
+    server_app = make_server_app(cfg, run, progress, resume)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not verbose:  # Flower's own log (incl. the run_simulation deprecation notice) only with --verbose
@@ -78,7 +86,7 @@ def simulate(cfg: RunConfig, out: str | Path, progress: Progress = print_progres
     try:
         run_simulation(
             server_app=server_app,
-            client_app=client_app,
+            client_app=client_app or fedtune_client_app,
             num_supernodes=cfg.partition.num_clients,
             backend_config=backend_config(cfg),
             verbose_logging=verbose,

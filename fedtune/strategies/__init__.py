@@ -26,12 +26,17 @@ def _sampling(cfg: RunConfig) -> dict:
         fraction_evaluate=evaluate,
         min_train_nodes=min(fed.min_train_nodes, n),
         min_evaluate_nodes=1 if evaluate > 0 else 0,
-        min_available_nodes=n,
+        # wait for this many nodes only: a node lost mid-run must not stall every later round
+        min_available_nodes=min(fed.min_train_nodes, n),
     )
 
 
 @STRATEGIES.register("fedavg")
 def _fedavg(cfg: RunConfig) -> Strategy:
+    if cfg.model.adapter == "sparse":  # mask-aware mean of sparse deltas (fedtune/strategies/sparse)
+        from fedtune.strategies.sparse.strategy import SparseFedAvg
+
+        return SparseFedAvg(**_sampling(cfg))
     if cfg.federation.profiles:  # clients of several ranks: zero-padded per-factor average
         return RankFedAvg(cfg, **_sampling(cfg))
     return FedAvg(**_sampling(cfg))
@@ -73,4 +78,12 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     (fedtune.privacy.federation; dp=none returns the strategy itself)."""
     from fedtune.privacy.federation import wrap_privacy
 
-    return wrap_privacy(STRATEGIES.get(cfg.federation.strategy)(cfg), cfg)
+    from fedtune.strategies.robust import robust_aggregator
+
+    strategy = STRATEGIES.get(cfg.federation.strategy)(cfg)
+    if (robust := robust_aggregator(cfg)) is not None:  # fedavg / fedavgm / fedadam only (check_robust)
+        if type(strategy) not in (FedAvg, FedAvgM, FedAdam):  # e.g. adapter=sparse: its own aggregation
+            raise ConfigError(f"bad value robust={cfg.federation.robust}: not supported with this strategy and "
+                              f"adapter ({type(strategy).__name__})")
+        strategy.robust = robust  # type: ignore[attr-defined]
+    return wrap_privacy(strategy, cfg)

@@ -6,11 +6,13 @@ apply the server optimiser; putting ``FedAvg`` below them in the MRO makes that 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from torch import Tensor
 
 from fedtune import wire
 from fedtune.strategies.aggregation import weighted_mean
@@ -23,7 +25,24 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
 
 
 class FedAvg(flwr_strategy.FedAvg):
-    """Example-weighted average of the clients' adapter tensors."""
+    """Example-weighted average of the clients' adapter tensors; with ``robust`` set
+    (fedtune.strategies.robust), a robust aggregate of the updates (reply - global) instead."""
+
+    robust: Callable[[list[dict[str, Tensor]], list[float]], dict[str, Tensor]] | None = None
+    sent: ArrayRecord | None = None  # the global arrays of this round's train messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def combine(self, states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+        if self.robust is None or self.sent is None:
+            return weighted_mean(states, weights)
+        g = wire.from_record(self.sent)
+        update = self.robust([{k: s[k].double() - g[k].double() for k in s} for s in states], weights)
+        return {k: (g[k].double() + u).to(states[0][k].dtype) for k, u in update.items()}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -34,7 +53,7 @@ class FedAvg(flwr_strategy.FedAvg):
         valid = ordered(valid)
         states = [wire.from_record(m.content[wire.ARRAYS]) for m in valid]
         weights = [float(m.content[wire.METRICS][wire.WEIGHT]) for m in valid]
-        arrays = wire.to_record(weighted_mean(states, weights))
+        arrays = wire.to_record(self.combine(states, weights))
         return arrays, self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
 

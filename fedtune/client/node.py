@@ -1,0 +1,47 @@
+"""What a deployed node states about itself in Flower's node config (``fedtune join``), and
+how it changes the run config this node runs with.
+
+- ``partition-id``: the node's client id (also in simulation);
+- ``profile``: its device profile; used when the run lets clients choose (``profiles=auto``),
+  in place of detection from the hardware; other runs assign profiles by client id;
+- ``dataset``: on this node only, in place of the run's ``dataset``: a bundled dataset
+  name (the node takes its partition of it) or a local CSV/TSV path (the node's own data:
+  all of it, split into train/validation by ``val-fraction``). Same columns and label set
+  as the run's.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+
+from fedtune.config import RunConfig
+from fedtune.data.sources import SOURCES
+from fedtune.profiles import AUTO, Profile, assign, lookup
+
+PROFILE = "profile"
+DATASET = "dataset"
+
+
+def declared_profile(cfg: RunConfig, context: Context) -> Profile | None:
+    """The profile the node declares, if the run takes it (``profiles=auto``)."""
+    name = str(context.node_config.get(PROFILE, "")).strip()
+    if not name or name == AUTO or cfg.federation.profiles.strip() != AUTO:
+        return None
+    return lookup(cfg, name)
+
+
+def profile_of(cfg: RunConfig, context: Context) -> Profile:
+    """This node's device profile: declared (profiles=auto), else the run's assignment."""
+    return declared_profile(cfg, context) or assign(cfg, int(context.node_config["partition-id"]))
+
+
+def local_data(cfg: RunConfig, client: int, context: Context) -> tuple[RunConfig, int]:
+    """(config, client id) this node reads its data with (``get_worker``): by default the
+    run's partition ``client`` of the run's dataset; for a bundled dataset the node names,
+    its partition of that; for a file of the node's own, all of it (one client, one part)."""
+    dataset = str(context.node_config.get(DATASET, "")).strip()
+    if not dataset or dataset == cfg.data.dataset:
+        return cfg, client
+    if dataset in SOURCES:
+        return cfg.replace(dataset=dataset), client
+    return cfg.replace(**{"dataset": dataset, "num-clients": 1, "partition": "iid"}), 0

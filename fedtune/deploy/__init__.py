@@ -1,0 +1,1 @@
+"""Deployment on Flower's deployment engine: credentials, SuperLink, SuperNodes (docs/deploying.md)."""

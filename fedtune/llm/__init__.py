@@ -1,0 +1,1 @@
+"""Causal language models: SmolLM2 from its GGUF wheel, chat dialogs, perplexity, generations."""

@@ -1,0 +1,35 @@
+"""A ClientApp for fault tests: fedtune's own, with clients that crash or hang in training.
+
+Test-only: production code has no fault hooks; ``simulate(..., client_app=...)`` takes it.
+Round 1: client 1 crashes. Round 2: client 2 hangs past the round timeout, client 3 crashes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune import wire
+from fedtune.client import app as fedtune_app
+
+CRASH = {1: {1}, 2: {3}}  # round -> clients whose training raises
+HANG = {2: {2}}  # round -> clients whose training outlives the round timeout
+HANG_S = 100.0  # longer than the round-timeout the test sets
+
+
+def _train(msg: Message, context: Context) -> Message:
+    client, server_round = int(context.node_config["partition-id"]), int(msg.content[wire.CONFIG]["server-round"])
+    if client in CRASH.get(server_round, ()):
+        raise RuntimeError("injected crash")
+    if client in HANG.get(server_round, ()):
+        time.sleep(HANG_S)
+    return fedtune_app.train(msg, context)
+
+
+app = ClientApp()
+app.train()(_train)
+app.evaluate()(fedtune_app.evaluate_local)
+app.query("head_init")(fedtune_app.head_init)
+app.query("whoami")(fedtune_app.whoami)
