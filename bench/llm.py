@@ -68,6 +68,8 @@ def markdown(fed: list[dict], central: list[dict], report: dict, seconds: float 
     ppl = table(["round", "perplexity federated", "perplexity centralized", "answer-token accuracy fed.",
                  "answer-token accuracy central."], rows)
     v, sp, mb = report["verification"], report["tokens_per_second"], report["sizes_mb"]
+    missing = "" if len(by_round) >= len(fed) else (
+        '\nCentralized "-": a round-equivalent that had not finished when this section was written.')
     speed = table(["engine", "greedy tokens/s", "size (MB)"],
                   [["torch generate (fp32, merged)", sp["torch_generate"], "-"],
                    ["onnxruntime fp32 + KV cache", sp["onnx_fp32_kv"], mb["fp32"]],
@@ -89,8 +91,7 @@ tokens equal torch `generate` for all {len(v['prompts'])} fixed prompts: {v['tok
 cached vs uncached logits max diff {v['cache_vs_nocache_max_abs_diff']:.1e}, ONNX vs torch
 {v['onnx_vs_torch_max_abs_diff']:.1e}; int8 greedy tokens equal to fp32 on {agree[0]}/{agree[1]}
 prompts. Speed: {sp['tokens']} new tokens after a chat prompt, {sp['threads']} thread(s),
-batch 1, timed during the export on the same shared machine: compare the rows, not absolute values.
-Centralized "-": a round-equivalent that had not finished when this section was written.
+batch 1, timed during the export.{missing}
 
 {speed}
 
