@@ -16,3 +16,14 @@ def quick_cfg():
     from fedtune.presets import resolve
 
     return resolve("quick")
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a Flower runtime need the identity a ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -18,22 +18,13 @@ from fedtune.strategies import STRATEGIES
 from fedtune.strategies import lora as L
 from fedtune.strategies.rank_aware import GlobalState
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a Flower runtime
+
 D, R = 6, 4
 LAYERS = [f"base_model.model.bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
 DEFS = ["big lora-rank=4", "small lora-rank=2 layers=1"]
 NODES = {101: 0, 202: 1, 303: 2}  # node -> client; profiles round-robin: big, small, big
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need the identity Flower's runtime sets in a ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 class FakeGrid:

@@ -14,6 +14,8 @@ from fedtune.errors import ConfigError
 from fedtune.strategies import build_strategy
 from fedtune.strategies.robust import clip_to_norm, coordinate_median, trimmed_mean, update_norm, weighted_average
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a Flower runtime
+
 U = [{"x": torch.tensor([1.0, -4.0]), "y": torch.tensor([0.0])},
      {"x": torch.tensor([3.0, 0.0]), "y": torch.tensor([2.0])},
      {"x": torch.tensor([100.0, 2.0]), "y": torch.tensor([-1.0])},
@@ -45,16 +47,6 @@ def test_trimmed_mean_by_hand():
     assert trimmed_mean(five, 0.2)["x"].tolist() == pytest.approx([2.0, 1.0])  # x0: drop -50, 100 -> (1+2+3)/3
     with pytest.raises(ValueError, match="keeps nothing"):
         trimmed_mean(U[:2], 0.5)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 class FakeGrid:

@@ -21,21 +21,13 @@ from fedtune.server.screen import build_screens
 from fedtune.strategies import build_strategy
 from fedtune.strategies.sparse import mask_aware_mean
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a Flower runtime
+
 NODES = {101: 0, 102: 1, 103: 2}
 L1 = "base-delta/model.bert.encoder.layer.0.attention.self.query"
 L2 = "base-delta/model.bert.encoder.layer.0.attention.self.value"
 HEAD = "model.classifier.modules_to_save.default.weight"
 CFG = build_config({"num-clients": 3, "adapter": "sparse", "min-train-nodes": 2, "lora-rank": 4})
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 class FakeGrid:

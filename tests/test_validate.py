@@ -22,22 +22,13 @@ from fedtune.server.reply import Decoded, decode_update
 from fedtune.server.screen import BadUpdate, build_screens
 from fedtune.strategies import build_strategy
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a Flower runtime
+
 LAYER = "base_model.model.bert.encoder.layer.0.attention.self.query"
 A, B, HEAD = LAYER + ".lora_A.default.weight", LAYER + ".lora_B.default.weight", "base_model.model.classifier.weight"
 NODES = {101: 0, 102: 1, 103: 2, 104: 3}  # node id -> client id
 CFG = build_config({"num-clients": 4, "lora-rank": 4, "lora-alpha": 16, "min-train-nodes": 2})
 SCALE = 16 / 4
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a Flower runtime need a task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 class FakeGrid:
