@@ -194,17 +194,6 @@ def test_fedsa_client_exports_are_each_clients_own_model(runs, tmp_path, capsys)
 # -- fast: where the client state goes -----------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity():
-    """Messages need the identity Flower's runtime sets in a ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
-
-
 def test_simulate_gives_fedsa_clients_a_state_dir_in_the_run(tmp_path):
     fedsa = resolve("quick", overrides={"strategy": "fedsa"})
     assert with_client_state_dir(fedsa, tmp_path / "run").federation.client_state_dir == \
