@@ -1,9 +1,9 @@
 """Accuracy under sample-level DP: epsilon in {1, 3, 8, inf}, LoRA and FFA-LoRA, and the cost of a DP step.
 
 Every run uses the same data, clients, rounds, local steps and seed; only ``dp`` and
-``target-epsilon`` change (inf = no DP). The head starts at random in every run, including
-inf: FedNCM's centroids are refused under DP (docs/privacy.md), so using them only for the
-non-private run would not be a fair comparison. FFA-LoRA (``strategy=ffa``) freezes A and
+``target-epsilon`` change (inf = fedtune's defaults, no DP). Every run starts from a FedNCM
+head: the exact one at inf, the private one under DP (noisy unit-feature class sums,
+accounted in the same budget: docs/privacy.md). FFA-LoRA (``strategy=ffa``) freezes A and
 trains only B and the head, so DP-SGD noises fewer coordinates. Step time: one client's
 ``train_local`` against ``train_local_dp`` (per-example gradients, clipping, noise) on the same
 model and data, in this process, after one warm-up run each.
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS.values()))
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    base = {"eval-size": args.eval_size, "head-init": "random", **parse_set(args.set)}
+    base = {"eval-size": args.eval_size, **parse_set(args.set)}
     epsilons = [float(e) for e in args.epsilons.split(",")]
     wanted = args.methods.split(",")
 
@@ -116,8 +116,11 @@ def main() -> None:
             last = RunDir(out).metrics()[-1]
             accuracy[name][eps] = summary["final_accuracy"]
             spent = last.get("epsilon", math.inf)
+            head = RunDir(out).metrics()[0]
             rows.append([name, "inf (no DP)" if math.isinf(eps) else f"{eps:g}",
-                         f"{spent:.3g}" if math.isfinite(spent) else "-", f"{summary['final_accuracy']:.3f}",
+                         f"{spent:.3g}" if math.isfinite(spent) else "-",
+                         f"{head['accuracy']:.3f}" + (f" ({head['epsilon']:.2g})" if "epsilon" in head else ""),
+                         f"{summary['final_accuracy']:.3f}",
                          f"{summary['best_accuracy']:.3f}", f"{summary['seconds_per_round']:.1f}"])
     plot(accuracy)
 
@@ -133,13 +136,17 @@ def main() -> None:
         "",
         f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, 20 Newsgroups, {cfg.partition.num_clients} "
         f"{cfg.partition.partition} clients, {fed.rounds} rounds x {tr.local_steps} local steps, expected batch "
-        f"{tr.batch_size}, lr {tr.lr} / head {tr.head_lr}, random head init in every run; DP-SGD per client "
+        f"{tr.batch_size}, lr {tr.lr} / head {tr.head_lr}. Every run starts from a FedNCM head: exact at inf "
+        f"({tr.head_init_examples} rows per client), private under DP (noisy unit-feature class sums of all rows, "
+        f"spending `dp-head-share` = {cfg.privacy.dp_head_share} of the target alone). DP-SGD per client "
         f"(`dp=sample`, delta {cfg.privacy.delta}, max-grad-norm {cfg.privacy.max_grad_norm}, {cfg.privacy.accountant} "
-        f"accountant), sigma calibrated per client to spend `target-epsilon` over all {fed.rounds} rounds. Accuracy "
+        f"accountant), sigma calibrated per client so that the head release and all {fed.rounds} rounds together "
+        f"spend `target-epsilon`. Accuracy "
         f"on a fixed {cfg.data.eval_size}-example test slice; `spent` = the largest client epsilon after the last "
         f"round.{note}",
         "",
-        common.table(["method", "target epsilon", "spent", "final acc", "best acc", "s/round"], rows),
+        common.table(["method", "target epsilon", "spent", "round 0: head (its epsilon)", "final acc", "best acc",
+                      "s/round"], rows),
         "",
         f"DP step time (client 0, LoRA, {cfg.federation.client_cpus} thread(s), expected batch {tr.batch_size}): "
         f"{1000 * private:.0f} ms vs {1000 * plain:.0f} ms non-private, **{private / plain:.2f}x** "

@@ -196,6 +196,7 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | prv
     max_grad_norm: float = 1.0  # dp=sample: per-example clipping bound
     dp_state_dir: str = ""  # dp=sample: where each client keeps its accountant (node config state-dir wins)
+    dp_head_share: float = 0.5  # dp=sample + head-init=ncm: the head release alone spends this share of target-epsilon
     clip_norm: float = 1.0  # client-*: L2 bound of one client's update (adaptive: the initial bound)
     dp_clipping: str = "server"  # client-*: clip updates on the server or on the clients (Flower mod)
     target_clipped_quantile: float = 0.5  # client-adaptive
@@ -211,6 +212,7 @@ class PrivacyConfig:
             _require((self.target_epsilon is None) != (self.noise_multiplier is None), "dp", self.dp,
                      "set exactly one of target-epsilon (a budget) and noise-multiplier (a fixed sigma)")
             self.sample_dp()  # exactly one of target-epsilon / noise-multiplier; delta, accountant, max-grad-norm
+        _require(0.0 < self.dp_head_share < 1.0, "dp-head-share", self.dp_head_share, "must be in (0, 1)")
         _require(self.clip_norm > 0 and math.isfinite(self.clip_norm), "clip-norm", self.clip_norm, "must be > 0")
         _require(self.dp_clipping in ("server", "client"), "dp-clipping", self.dp_clipping, "must be server or client")
         _require(0.0 <= self.target_clipped_quantile <= 1.0, "target-clipped-quantile", self.target_clipped_quantile,

@@ -26,11 +26,8 @@ def head_module(model: nn.Module) -> nn.Linear:
 
 
 @torch.inference_mode()
-def class_feature_sums(
-    model: nn.Module, enc: Encoded, num_labels: int, batch_size: int, pad_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(sums [C, d], counts [C], ss [C]) of the head's input features, where ss_c is the sum
-    of squared distances to this client's own class-c mean (stable to combine, unlike E||x||^2)."""
+def head_features(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(x [N, d] float64, y [N]): the features the frozen model feeds its head, and the labels."""
     head = head_module(model)
     feats: list[Tensor] = []
     hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
@@ -42,9 +39,17 @@ def class_feature_sums(
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     finally:
         hook.remove()
-    x = torch.cat(feats).to(torch.float64) if feats else torch.zeros(0, head.in_features, dtype=torch.float64)  # [N, d]
-    y = torch.as_tensor(enc.labels, dtype=torch.long)  # [N]
-    sums = torch.zeros(num_labels, head.in_features, dtype=torch.float64).index_add_(0, y, x)
+    x = torch.cat(feats).to(torch.float64) if feats else torch.zeros(0, head.in_features, dtype=torch.float64)
+    return x, torch.as_tensor(enc.labels, dtype=torch.long)
+
+
+def class_feature_sums(
+    model: nn.Module, enc: Encoded, num_labels: int, batch_size: int, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sums [C, d], counts [C], ss [C]) of the head's input features, where ss_c is the sum
+    of squared distances to this client's own class-c mean (stable to combine, unlike E||x||^2)."""
+    x, y = head_features(model, enc, batch_size, pad_id)  # [N, d], [N]
+    sums = torch.zeros(num_labels, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
     counts = torch.bincount(y, minlength=num_labels).to(torch.float64)
     means = sums / counts.clamp(min=1)[:, None]  # [C, d]
     ss = torch.zeros(num_labels, dtype=torch.float64).index_add_(0, y, ((x - means[y]) ** 2).sum(1))

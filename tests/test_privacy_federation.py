@@ -63,7 +63,6 @@ CLIENT = {"dp": "client-fixed", "noise-multiplier": "1", "head-init": "random"}
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        ({"dp": "sample", "noise-multiplier": "1"}, "head-init='ncm' with dp=sample"),
         ({"dp": "client-fixed", "noise-multiplier": "1"}, "head-init='ncm' with dp=client-fixed"),
         ({**CLIENT, "strategy": "fedadam"}, "strategy='fedadam'"),
         ({**CLIENT, "dp": "client-adaptive", "strategy": "fedavgm"}, "strategy='fedavgm'"),
@@ -85,7 +84,7 @@ def test_refused_combinations_are_config_errors(overrides, needle):
 @pytest.mark.parametrize(
     "sets, needle",
     [
-        (["dp=sample", "noise-multiplier=1"], "head-init='ncm'"),
+        (["dp=client-fixed", "noise-multiplier=1"], "head-init='ncm'"),
         (["dp=client-fixed", "noise-multiplier=1", "head-init=random", "strategy=fedadam"], "strategy='fedadam'"),
         # needs the sample size: found by the preflight, before Ray starts
         (["dp=client-adaptive", "noise-multiplier=1", "head-init=random", "num-clients=2"], "clipped-count-stddev"),
@@ -103,8 +102,13 @@ def test_refusals_through_the_cli_are_one_line_exit_2(sets, needle, capsys, tmp_
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_console_script_refuses_dp_with_ncm_exit_2():
-    argv = [sys.executable, "-m", "fedtune", "simulate", "--set", "dp=sample", "--set", "noise-multiplier=1"]
+def test_sample_dp_allows_the_private_ncm_head():
+    cfg = build_config({"dp": "sample", "target-epsilon": "8"})
+    assert cfg.train.head_init == "ncm" and cfg.privacy.dp_head_share == 0.5
+
+
+def test_console_script_refuses_client_dp_with_ncm_exit_2():
+    argv = [sys.executable, "-m", "fedtune", "simulate", "--set", "dp=client-fixed", "--set", "noise-multiplier=1"]
     r = subprocess.run(argv, capture_output=True, text=True)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fedtune: error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -15,7 +15,7 @@ from fedtune.client.adapter import node_profile, prepare, reply_adapter
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
 from fedtune.head_init import class_feature_sums, head_module
-from fedtune.privacy.client import client_dp_mod, train_sample_dp
+from fedtune.privacy.client import client_dp_mod, release_head_sums, train_sample_dp
 from fedtune.sparse.train import train_sparse_client
 from fedtune.tasks import task_of
 from fedtune.training import Encoded, client_seed, train_local
@@ -62,6 +62,11 @@ def head_init(msg: Message, context: Context) -> Message:
     """Per-class sums and counts of head features on (up to N of) this client's examples."""
     cfg, client, worker = _setup(msg, context)
     enc = worker.data.train
+    if cfg.privacy.dp == "sample":  # noisy unit-feature sums over all examples, accounted (fedtune/privacy/head.py)
+        sums, info = release_head_sums(worker, cfg, context, client)
+        metrics = MetricRecord({wire.WEIGHT: len(enc), wire.CLIENT_ID: client, **info})
+        return Message(content=RecordDict({wire.ARRAYS: wire.to_record({"sums": sums.float()}),
+                                           wire.METRICS: metrics}), reply_to=msg)
     n = min(len(enc), cfg.train.head_init_examples)
     sub = Encoded(enc.ids[:n], enc.labels[:n])  # the local order is already a seeded shuffle
     num_labels = head_module(worker.model).out_features

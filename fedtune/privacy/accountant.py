@@ -72,7 +72,10 @@ class PrivacyAccountant:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in self._acc.history):
             return math.inf
-        return float(self._acc.get_epsilon(delta=delta))
+        import numpy as np
+
+        with np.errstate(divide="ignore"):  # opacus' PRV at sample rate 1 takes log(0) = -inf, on purpose
+            return float(self._acc.get_epsilon(delta=delta))
 
     def projected_epsilon(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon after ``steps`` more steps at (sigma, q), without recording them."""

@@ -93,18 +93,46 @@ def _atomic_write(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def release_head_sums(worker: Any, cfg: RunConfig, context: Context, client: int) -> tuple[Any, dict[str, float]]:
+    """The DP FedNCM release of this client (:mod:`fedtune.privacy.head`): noisy unit-feature
+    class sums over all its training examples (the noise does not grow with their number),
+    accounted and saved before they leave. Returns (sums [C, d], reply metrics)."""
+    import secrets
+
+    import torch
+
+    from fedtune.head_init import head_features, head_module
+    from fedtune.privacy.head import head_plan, noisy_class_sums
+
+    dp = cfg.privacy.sample_dp()
+    ((sigma, q, steps),) = head_plan(cfg)
+    acc = load_accountant(cfg, context, client)
+    if dp.target_epsilon is not None:
+        after = acc.projected_epsilon(dp.delta, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        if after > dp.target_epsilon * (1 + 1e-9):
+            raise RuntimeError(f"client {client}: the head release would spend epsilon {after:.3g} "
+                               f"> target-epsilon {dp.target_epsilon:g}; nothing was released")
+    x, y = head_features(worker.model, worker.data.train, cfg.train.eval_batch_size, worker.pad_id)  # [N, d], [N]
+    generator = torch.Generator().manual_seed(secrets.randbits(63))  # OS entropy: the noise must stay secret
+    sums = noisy_class_sums(x, y, head_module(worker.model).out_features, sigma, generator)
+    acc.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    save_accountant(acc, cfg, context, client)  # accounted before anything leaves
+    return sums, {"epsilon": acc.epsilon(dp.delta), "noise_multiplier": sigma, "delta": dp.delta}
+
+
 def train_sample_dp(worker: Any, cfg: RunConfig, seed: int, context: Context, client: int) -> dict[str, float]:
     """One DP-SGD round of this client (``train_local_dp``), its accountant loaded before and
     saved after. Returns the reply metrics (REPLY_KEYS); ``budget_exhausted=1``: nothing was
     trained, the weights are the ones received."""
     from fedtune.privacy.dp_train import train_local_dp  # opacus: imported on use
+    from fedtune.privacy.head import head_plan
 
     acc = load_accountant(cfg, context, client)
     with warnings.catch_warnings():  # opacus' hooks on a model whose inputs need no grad: expected, harmless
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         stats = train_local_dp(
             worker.model, worker.data.train, cfg.train, cfg.privacy.sample_dp(), acc, seed, worker.pad_id,
-            rounds=cfg.federation.rounds,
+            rounds=cfg.federation.rounds, prior=head_plan(cfg),
         )
     save_accountant(acc, cfg, context, client)
     return {k: float(stats[k]) for k in REPLY_KEYS}

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fedtune.config import TrainConfig
 from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import PrivacyAccountant
-from fedtune.privacy.calibrate import calibrate, sample_rate
+from fedtune.privacy.calibrate import Entry, calibrate, sample_rate
 from fedtune.privacy.config import DPConfig
 from fedtune.training import Encoded, make_optimizer, num_local_steps
 
@@ -48,9 +48,12 @@ class LogitsModule(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, C]
 
 
-def noise_multiplier(dp: DPConfig, cfg: TrainConfig, n_local: int, rounds: int | None) -> float:
+def noise_multiplier(
+    dp: DPConfig, cfg: TrainConfig, n_local: int, rounds: int | None, prior: tuple[Entry, ...] = ()
+) -> float:
     """The sigma a client uses: the configured one, or the one calibrated to spend
-    ``target_epsilon`` over ``rounds`` rounds (the same value every round)."""
+    ``target_epsilon`` over ``prior`` (releases planned before training, e.g. the DP head)
+    and ``rounds`` rounds (the same value every round)."""
     if dp.noise_multiplier is not None:
         return float(dp.noise_multiplier)
     if rounds is None:
@@ -59,7 +62,7 @@ def noise_multiplier(dp: DPConfig, cfg: TrainConfig, n_local: int, rounds: int |
             "number of rounds (pass rounds=...), or set noise-multiplier instead"
         )
     assert dp.target_epsilon is not None
-    return calibrate(dp.target_epsilon, dp.delta, cfg, n_local, rounds, dp.accountant)
+    return calibrate(dp.target_epsilon, dp.delta, cfg, n_local, rounds, dp.accountant, prior)
 
 
 def train_local_dp(
@@ -72,6 +75,7 @@ def train_local_dp(
     pad_id: int,
     *,
     rounds: int | None = None,
+    prior: tuple[Entry, ...] = (),
     noise_seed: int | None = None,
     on_step: Callable[[DPOptimizer], None] | None = None,
 ) -> dict[str, float]:
@@ -79,6 +83,7 @@ def train_local_dp(
     records its steps in ``accountant`` (keep it across rounds; persist its state_dict).
 
     ``rounds``: planned rounds, needed when ``dp.target_epsilon`` sets the budget.
+    ``prior``: the releases the budget also pays for (:func:`fedtune.privacy.head.head_plan`).
     ``noise_seed``: None (default) draws the Poisson sampling and the Gaussian noise from OS
     entropy, as the guarantee requires; an int makes the run reproducible, and whoever
     knows it can remove the noise: tests and debugging only. ``seed`` only seeds dropout.
@@ -100,7 +105,7 @@ def train_local_dp(
         )
     q = sample_rate(cfg.batch_size, n)
     steps = num_local_steps(cfg, n)
-    sigma = noise_multiplier(dp, cfg, n, rounds)
+    sigma = noise_multiplier(dp, cfg, n, rounds, prior)
     info = {"delta": dp.delta, "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": dp.max_grad_norm}
 
     if dp.target_epsilon is not None:

@@ -265,10 +265,12 @@ def preflight(cfg: RunConfig) -> None:
     if p.target_epsilon is not None:
         from fedtune.data import partition_indices
         from fedtune.privacy.calibrate import calibrate
+        from fedtune.privacy.head import head_plan
 
+        prior = head_plan(cfg)  # the DP head release, when head-init=ncm
         vf = cfg.partition.val_fraction
         parts = partition_indices(cfg.data, cfg.partition, cfg.federation.seed)
         sizes = {len(rows) - int(round(len(rows) * vf)) for rows in parts}
         for n in sorted(sizes):
             if n > 0:
-                calibrate(p.target_epsilon, p.delta, cfg.train, n, cfg.federation.rounds, p.accountant)
+                calibrate(p.target_epsilon, p.delta, cfg.train, n, cfg.federation.rounds, p.accountant, prior)

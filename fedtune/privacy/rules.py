@@ -6,8 +6,10 @@ or the partitions built run in :func:`fedtune.privacy.federation.preflight`.
 
 Refused (one-line ConfigError):
 
-- any ``dp`` with ``head-init=ncm``: the FedNCM head is built from per-class feature sums of
-  the clients' private examples, sent and applied without noise before round 1;
+- client-level ``dp`` with ``head-init=ncm``: the FedNCM head is built from per-class feature
+  sums of the clients' private examples, outside the clipped and noised updates (under
+  ``dp=sample`` the head is released with its own Gaussian noise and accounted:
+  :mod:`fedtune.privacy.head`);
 - ``dp=client-*`` with a strategy other than ``fedavg``: Flower's wrappers calibrate the
   noise to a *uniform mean of clipped updates*; FedAvgM/FedAdam apply their server
   optimiser to the un-noised mean inside the wrapper (the momentum / moment buffers would
@@ -45,10 +47,10 @@ def check_composition(cfg: RunConfig) -> None:
     p = cfg.privacy
     if p.dp == "none":
         return
-    if cfg.train.head_init == "ncm":
+    if cfg.train.head_init == "ncm" and p.client_level:
         raise ConfigError(
-            f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids are computed on the "
-            "clients' private examples without noise; set head-init=random"
+            f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids would be released outside "
+            "the clipped, noised client updates; set head-init=random (or use dp=sample, which privatises them)"
         )
     selection = cfg.model.sparse_selection
     if p.dp == "sample" and cfg.model.adapter == "sparse" and selection != "random":

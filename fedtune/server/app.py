@@ -18,7 +18,7 @@ from fedtune.tasks import task_of
 from fedtune.adapters import set_base
 from fedtune.modeling import load_trainable_state, shared_model, num_parameters, trainable_state
 from fedtune.profiles import server_model
-from fedtune.server.head import init_head
+from fedtune.server.head import head_builder, init_head
 from fedtune.server import checkpoint
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
@@ -124,7 +124,7 @@ def run_federation(
         per_node = None
         if rank_aware:  # each node gets the server's initial adapter at its own rank
             per_node = lambda node, arrays: rank_aware.node_arrays(arrays, grid.members[node].profile)  # noqa: E731
-        strategy.rounds[0] = init_head(grid, model, run_config, cfg.train.head_logit_scale, timeout, per_node)
+        strategy.rounds[0] = init_head(grid, model, run_config, head_builder(cfg), timeout, per_node)
     offset = Offset(strategy, ckpt.round if ckpt else 0)  # resumed: rounds keep their true numbers
     offset.start(
         grid=grid,

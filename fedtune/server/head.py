@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from torch import nn
+from torch import Tensor, nn
 
 from fedtune import wire
+from fedtune.config import RunConfig
 from fedtune.head_init import ncm_head, set_head
 from fedtune.server.metered import RoundStats, _message_bytes
 from fedtune.strategies.fedavg import ordered
@@ -16,9 +17,34 @@ from fedtune.strategies.fedavg import ordered
 QUERY = "query.head_init"
 
 
-def init_head(grid: Grid, model: nn.Module, run_config: ConfigRecord, logit_scale: float, timeout: float,
+Build = Callable[[list[Message]], tuple[Tensor, Tensor]]  # good replies -> (weight [C, d], bias [C])
+
+
+def head_builder(cfg: RunConfig) -> Build:
+    """How the head is built from the replies: FedNCM from exact sums, counts and sums of
+    squares, or under ``dp=sample`` from the clients' noisy unit-feature sums."""
+    scale = cfg.train.head_logit_scale
+    if cfg.privacy.dp == "sample":
+        from fedtune.privacy.head import dp_ncm_head
+
+        def private(good: list[Message]) -> tuple[Tensor, Tensor]:
+            sums = [wire.from_record(m.content[wire.ARRAYS])["sums"] for m in good]
+            n = sum(float(m.content[wire.METRICS][wire.WEIGHT]) for m in good)  # public example counts
+            return dp_ncm_head(sums, n, scale)
+
+        return private
+
+    def exact(good: list[Message]) -> tuple[Tensor, Tensor]:
+        parts = [wire.from_record(m.content[wire.ARRAYS]) for m in good]
+        return ncm_head([p["sums"] for p in parts], [p["counts"] for p in parts], [p["ss"] for p in parts], scale)
+
+    return exact
+
+
+def init_head(grid: Grid, model: nn.Module, run_config: ConfigRecord, build: Build, timeout: float,
               per_node: Callable[[int, ArrayRecord], ArrayRecord] | None = None) -> RoundStats:
-    """Ask every connected client for class feature sums and set ``model``'s head from them.
+    """Ask every connected client for class feature sums and set ``model``'s head from them
+    with ``build`` (:func:`head_builder`).
     ``per_node(node, state)``: what that node receives of the server's state (its own rank)."""
     stats = RoundStats()
     state = wire.to_record({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
@@ -37,7 +63,9 @@ def init_head(grid: Grid, model: nn.Module, run_config: ConfigRecord, logit_scal
     stats.bytes_up = sum(_message_bytes(m) for m in good)
     if not good:
         raise RuntimeError("no client answered the head initialisation query: " + "; ".join(stats.failures))
-    parts = [wire.from_record(m.content[wire.ARRAYS]) for m in good]
-    weight, bias = ncm_head([p["sums"] for p in parts], [p["counts"] for p in parts], [p["ss"] for p in parts], logit_scale)
-    set_head(model, weight, bias)
+    set_head(model, *build(good))
+    eps = {int(m.content[wire.METRICS][wire.CLIENT_ID]): float(m.content[wire.METRICS]["epsilon"])
+           for m in good if "epsilon" in m.content[wire.METRICS]}
+    if eps:  # dp=sample: what the head release spent, as on the training rounds' rows
+        stats.train = {"epsilon": max(eps.values()), **{f"epsilon_client_{c}": e for c, e in sorted(eps.items())}}
     return stats
