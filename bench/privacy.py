@@ -1,7 +1,8 @@
 """Accuracy under sample-level DP: epsilon in {1, 3, 8, inf}, LoRA and FFA-LoRA, and the cost of a DP step.
 
 Every run uses the same data, clients, rounds, local steps and seed; only ``dp`` and
-``target-epsilon`` change (inf = fedtune's defaults, no DP). Every run starts from a FedNCM
+``target-epsilon`` change: inf is the ``default`` preset (no DP), every epsilon the ``private``
+preset (``dp=sample``, half the learning rates) at that ``target-epsilon``. Every run starts from a FedNCM
 head: the exact one at inf, the private one under DP (noisy unit-feature class sums,
 accounted in the same budget: docs/privacy.md). FFA-LoRA (``strategy=ffa``) freezes A and
 trains only B and the head, so DP-SGD noises fewer coordinates. Step time: one client's
@@ -108,8 +109,8 @@ def main() -> None:
     for name, strategy in methods.items():
         accuracy[name] = {}
         for eps in epsilons:
-            dp = {} if math.isinf(eps) else {"dp": "sample", "target-epsilon": str(eps)}
-            cfg = resolve("default", overrides={**base, "strategy": strategy, **dp})
+            preset, dp = ("default", {}) if math.isinf(eps) else ("private", {"target-epsilon": str(eps)})
+            cfg = resolve(preset, overrides={**base, "strategy": strategy, **dp})
             out = tempfile.mkdtemp(prefix="fedtune-privacy-")
             print(f"== {name}, epsilon {eps:g}", flush=True)
             summary = simulate(cfg, out)
@@ -125,6 +126,7 @@ def main() -> None:
     plot(accuracy)
 
     cfg = resolve("default", overrides=base)
+    pcfg = resolve("private", overrides=base)
     print("== step time", flush=True)
     plain, private = step_times(cfg)
 
@@ -136,9 +138,10 @@ def main() -> None:
         "",
         f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, 20 Newsgroups, {cfg.partition.num_clients} "
         f"{cfg.partition.partition} clients, {fed.rounds} rounds x {tr.local_steps} local steps, expected batch "
-        f"{tr.batch_size}, lr {tr.lr} / head {tr.head_lr}. Every run starts from a FedNCM head: exact at inf "
+        f"{tr.batch_size}, lr {tr.lr} / head {tr.head_lr} at inf (`--preset default`) and "
+        f"{pcfg.train.lr} / {pcfg.train.head_lr} under DP (`--preset private`). Every run starts from a FedNCM head: exact at inf "
         f"({tr.head_init_examples} rows per client), private under DP (noisy unit-feature class sums of all rows, "
-        f"spending `dp-head-share` = {cfg.privacy.dp_head_share} of the target alone). DP-SGD per client "
+        f"spending `dp-head-share` = {pcfg.privacy.dp_head_share} of the target alone). DP-SGD per client "
         f"(`dp=sample`, delta {cfg.privacy.delta}, max-grad-norm {cfg.privacy.max_grad_norm}, {cfg.privacy.accountant} "
         f"accountant), sigma calibrated per client so that the head release and all {fed.rounds} rounds together "
         f"spend `target-epsilon`. Accuracy "
@@ -147,6 +150,10 @@ def main() -> None:
         "",
         common.table(["method", "target epsilon", "spent", "round 0: head (its epsilon)", "final acc", "best acc",
                       "s/round"], rows),
+        "",
+        "Points lost at epsilon 8 against no DP (final accuracy; goal: at most 3): " + ", ".join(
+            f"{name} {100 * (by[math.inf] - by[8.0]):.1f}" for name, by in accuracy.items()
+            if 8.0 in by and math.inf in by) + ".",
         "",
         f"DP step time (client 0, LoRA, {cfg.federation.client_cpus} thread(s), expected batch {tr.batch_size}): "
         f"{1000 * private:.0f} ms vs {1000 * plain:.0f} ms non-private, **{private / plain:.2f}x** "

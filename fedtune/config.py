@@ -196,7 +196,7 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | prv
     max_grad_norm: float = 1.0  # dp=sample: per-example clipping bound
     dp_state_dir: str = ""  # dp=sample: where each client keeps its accountant (node config state-dir wins)
-    dp_head_share: float = 0.5  # dp=sample + head-init=ncm: the head release alone spends this share of target-epsilon
+    dp_head_share: float = 0.8  # dp=sample + head-init=ncm: the head release alone spends this share of target-epsilon
     clip_norm: float = 1.0  # client-*: L2 bound of one client's update (adaptive: the initial bound)
     dp_clipping: str = "server"  # client-*: clip updates on the server or on the clients (Flower mod)
     target_clipped_quantile: float = 0.5  # client-adaptive

@@ -30,6 +30,13 @@ PRESETS.register("quick")(
 )
 
 
+# The main job under sample-level DP at epsilon 8 per client (docs/privacy.md): a private
+# FedNCM head (80% of the budget on its own; composed with DP-SGD it is less) and DP-SGD at
+# half the learning rates, which keeps the noisy rounds from undoing the head
+# (docs/benchmarks.md, "privacy").
+PRESETS.register("private")({"dp": "sample", "target-epsilon": 8.0, "lr": 1e-3, "head-lr": 2e-3})
+
+
 # Instruction tuning of a real small LLM (fedtune/llm/): SmolLM2-135M-Instruct (bundled GGUF),
 # LoRA on q/k/v/o, English chatterbot dialogs with topic skew across 4 clients; answer-only
 # loss, perplexity per round. Sized for 2 CPU cores: minutes, not hours.

@@ -104,7 +104,7 @@ def test_refusals_through_the_cli_are_one_line_exit_2(sets, needle, capsys, tmp_
 
 def test_sample_dp_allows_the_private_ncm_head():
     cfg = build_config({"dp": "sample", "target-epsilon": "8"})
-    assert cfg.train.head_init == "ncm" and cfg.privacy.dp_head_share == 0.5
+    assert cfg.train.head_init == "ncm" and cfg.privacy.dp_head_share == 0.8
 
 
 def test_console_script_refuses_client_dp_with_ncm_exit_2():

@@ -74,7 +74,7 @@ def test_head_plan_spends_the_share_alone_and_only_when_planned():
     assert head_plan(build_config({"dp": "sample", "target-epsilon": "8", "head-init": "random"})) == ()
     ((sigma, q, steps),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8"}))
     assert (q, steps) == (1.0, 1)
-    assert 4.0 * 0.99 < opacus_epsilon([(sigma, 1.0, 1)]) <= 4.0
+    assert 6.4 * 0.99 < opacus_epsilon([(sigma, 1.0, 1)]) <= 6.4  # the default share, 0.8
     ((fixed, _, _),) = head_plan(build_config({"dp": "sample", "noise-multiplier": "1.7"}))
     assert fixed == 1.7
     ((small, _, _),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8", "dp-head-share": "0.2"}))
@@ -122,10 +122,20 @@ def test_client_releases_noisy_sums_and_accounts_them_first(task_identity, tmp_p
     assert abs(m["epsilon"] - opacus_epsilon([(sigma, 1.0, 1)])) < 1e-9 and m["noise_multiplier"] == sigma
     saved = json.loads((tmp_path / "client-0.json").read_text())["accountant"]["history"]
     assert saved == [[sigma, 1.0, 1]] == json.loads(str(ctx.state[STATE_KEY]["accountant"]))["history"]
-    # the noise is fresh every time (OS entropy): two releases differ, and both are accounted
-    again = wire.from_record(app(msg, ctx).content[wire.ARRAYS])["sums"]
-    assert not torch.equal(again, arrays["sums"])
-    assert json.loads((tmp_path / "client-0.json").read_text())["accountant"]["history"] == [[sigma, 1.0, 2]]
+    # a second release would pass the budget: refused, nothing leaves, nothing is accounted
+    with pytest.raises(RuntimeError, match="would spend epsilon .* > target-epsilon 6; nothing was released"):
+        app(msg, ctx)
+    assert json.loads((tmp_path / "client-0.json").read_text())["accountant"]["history"] == [[sigma, 1.0, 1]]
+    # the noise is fresh every time (OS entropy): with budget for two, two releases differ
+    small = cfg.replace(**{"dp-head-share": "0.3", "dp-state-dir": str(tmp_path / "b")})
+    msg2 = Message(RecordDict({wire.ARRAYS: wire.to_record({}),
+                               wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: small.to_json()})}),
+                   dst_node_id=7, message_type="query.head_init")
+    ctx2 = Context(run_id=2, node_id=8, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    first, second = (wire.from_record(app(msg2, ctx2).content[wire.ARRAYS])["sums"] for _ in range(2))
+    assert not torch.equal(first, second)
+    ((s2, _, _),) = head_plan(small)
+    assert json.loads((tmp_path / "b" / "client-0.json").read_text())["accountant"]["history"] == [[s2, 1.0, 2]]
 
 
 @pytest.mark.slow
