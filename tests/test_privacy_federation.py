@@ -72,6 +72,7 @@ CLIENT = {"dp": "client-fixed", "noise-multiplier": "1", "head-init": "random"}
         ({"dp": "sample", "head-init": "random"}, "set exactly one of target-epsilon"),
         ({"dp": "sample", "head-init": "random", "target-epsilon": "3", "noise-multiplier": "1"}, "set exactly one"),
         ({"dp": "laplace"}, "dp='laplace'"),
+        ({"dp": "sample", "target-epsilon": "8", "dp-head-share": "1"}, "dp-head-share=1.0"),
         ({"dp": "sample", "head-init": "random", "noise-multiplier": "1", "accountant": "gdp"}, "valid: prv, rdp"),
     ],
 )

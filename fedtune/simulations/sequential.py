@@ -22,6 +22,8 @@ from fedtune.training import Encoded, client_seed, train_local
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     if cfg.federation.strategy != "fedavg" or cfg.model.adapter != "lora":
         raise ValueError("the sequential reference implements fedavg of LoRA adapters only")
+    if cfg.privacy.dp != "none":
+        raise ValueError(f"the sequential reference has no differential privacy; dp={cfg.privacy.dp!r} needs simulate")
     n = cfg.partition.num_clients
     per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()
