@@ -137,9 +137,10 @@ def main() -> None:
         "## Accuracy under sample-level DP (`bench/privacy.py`)",
         "",
         f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, 20 Newsgroups, {cfg.partition.num_clients} "
-        f"{cfg.partition.partition} clients, {fed.rounds} rounds x {tr.local_steps} local steps, expected batch "
-        f"{tr.batch_size}, lr {tr.lr} / head {tr.head_lr} at inf (`--preset default`) and "
-        f"{pcfg.train.lr} / {pcfg.train.head_lr} under DP (`--preset private`). Every run starts from a FedNCM head: exact at inf "
+        f"{cfg.partition.partition} clients, {fed.rounds} rounds. At inf (`--preset default`): {tr.local_steps} "
+        f"local steps of batch {tr.batch_size}, lr {tr.lr} / head {tr.head_lr}. Under DP (`--preset private`): "
+        f"{pcfg.train.local_steps} local steps of expected (Poisson) batch {pcfg.train.batch_size}, lr "
+        f"{pcfg.train.lr} / head {pcfg.train.head_lr}. Every run starts from a FedNCM head: exact at inf "
         f"({tr.head_init_examples} rows per client), private under DP (noisy unit-feature class sums of all rows, "
         f"spending `dp-head-share` = {pcfg.privacy.dp_head_share} of the target alone). DP-SGD per client "
         f"(`dp=sample`, delta {cfg.privacy.delta}, max-grad-norm {cfg.privacy.max_grad_norm}, {cfg.privacy.accountant} "

@@ -108,6 +108,15 @@ def test_sample_dp_allows_the_private_ncm_head():
     assert cfg.train.head_init == "ncm" and cfg.privacy.dp_head_share == 0.8
 
 
+def test_private_preset_is_dp_sample_at_epsilon_8_and_passes_the_preflight():
+    from fedtune.privacy.federation import preflight
+
+    cfg = resolve("private")
+    assert (cfg.privacy.dp, cfg.privacy.target_epsilon, cfg.train.head_init) == ("sample", 8.0, "ncm")
+    assert (cfg.train.batch_size, cfg.train.local_steps) == (64, 3)
+    preflight(cfg)  # every client's sigma is reachable after the head release
+
+
 def test_console_script_refuses_client_dp_with_ncm_exit_2():
     argv = [sys.executable, "-m", "fedtune", "simulate", "--set", "dp=client-fixed", "--set", "noise-multiplier=1"]
     r = subprocess.run(argv, capture_output=True, text=True)
