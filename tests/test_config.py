@@ -40,7 +40,7 @@ def test_unknown_key_lists_valid_keys():
 
 
 def test_unknown_preset_lists_valid():
-    with pytest.raises(ConfigError, match="unknown preset 'big'; valid: default, llm, quick"):
+    with pytest.raises(ConfigError, match="unknown preset 'big'; valid: default, llm, private, quick"):
         resolve("big")
 
 
