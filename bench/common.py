@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,3 +39,23 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+@contextmanager
+def figure(png: Path, figsize: tuple[float, float] = (7, 4), **legend) -> Iterator:
+    """``with figure(PNG) as ax: ax.plot(...)``: a headless matplotlib axes, then legend
+    (``legend`` kwargs), grid, tight layout, saved to ``png`` at 110 dpi and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.legend(**{"fontsize": 7, **legend})
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+    finally:
+        plt.close(fig)

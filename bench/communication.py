@@ -46,25 +46,15 @@ def per_client_round(rows: list[dict], key: str) -> float:
 
 
 def plot(points: dict[str, tuple[float, float]], full_bytes: float, lora_acc: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (x, acc) in points.items():
-        ax.scatter([x], [acc], s=30)
-        ax.annotate(LABELS.get(name, name), (x, acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.axvline(0.0025 * full_bytes, color="grey", linestyle=":", label="0.25% of the full model")
-    ax.axhline(lora_acc - 0.01, color="grey", linestyle="--", linewidth=1, label="LoRA - 1 point")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes up per client per round")
-    ax.set_ylabel("final test accuracy")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(PNG, dpi=110)
-    plt.close(fig)
+    with common.figure(PNG, (7, 4)) as ax:
+        for name, (x, acc) in points.items():
+            ax.scatter([x], [acc], s=30)
+            ax.annotate(LABELS.get(name, name), (x, acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axvline(0.0025 * full_bytes, color="grey", linestyle=":", label="0.25% of the full model")
+        ax.axhline(lora_acc - 0.01, color="grey", linestyle="--", linewidth=1, label="LoRA - 1 point")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes up per client per round")
+        ax.set_ylabel("final test accuracy")
 
 
 def main() -> None:

@@ -31,23 +31,13 @@ PNG = common.DOC.parent / "bench-privacy.png"
 
 
 def plot(results: dict[str, dict[float, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, by_eps in results.items():
-        eps = sorted(by_eps)
-        ax.plot(range(len(eps)), [by_eps[e] for e in eps], marker="o", label=name)
-        ax.set_xticks(range(len(eps)), [("inf (no DP)" if math.isinf(e) else f"{e:g}") for e in eps])
-    ax.set_xlabel("target epsilon per client (delta 1e-5, all rounds)")
-    ax.set_ylabel("final test accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(PNG, dpi=110)
-    plt.close(fig)
+    with common.figure(PNG, (6, 3.8), fontsize=8) as ax:
+        for name, by_eps in results.items():
+            eps = sorted(by_eps)
+            ax.plot(range(len(eps)), [by_eps[e] for e in eps], marker="o", label=name)
+            ax.set_xticks(range(len(eps)), [("inf (no DP)" if math.isinf(e) else f"{e:g}") for e in eps])
+        ax.set_xlabel("target epsilon per client (delta 1e-5, all rounds)")
+        ax.set_ylabel("final test accuracy")
 
 
 def step_times(cfg, steps: int = 8) -> tuple[float, float]:

@@ -26,23 +26,13 @@ PNG = common.DOC.parent / "bench-strategies.png"
 
 
 def plot(curves: dict[str, list[float]], ceiling: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, accs in curves.items():
-        ax.plot(range(len(accs)), accs, marker="o", label=name, linestyle="--" if name.startswith("homog") else "-")
-    ax.axhline(ceiling, color="black", linewidth=1, label="centralized (r16)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(PNG, dpi=110)
-    plt.close(fig)
+    with common.figure(PNG, (7, 4), ncol=2) as ax:
+        for name, accs in curves.items():
+            ax.plot(range(len(accs)), accs, marker="o", label=name, linestyle="--" if name.startswith("homog") else "-")
+        ax.axhline(ceiling, color="black", linewidth=1, label="centralized (r16)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
 
 
 def main() -> None:
