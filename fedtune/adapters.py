@@ -95,4 +95,4 @@ def set_base(model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
         delta = deltas.get(layer)
         if delta is not None and delta.shape != w.shape:
             raise ValueError(f"base delta of {layer}: shape {tuple(delta.shape)} != weight {tuple(w.shape)}")
-        w.copy_(w0[layer] if delta is None else w0[layer] + delta.to(w.dtype))
+        w.copy_(w0[layer] if delta is None else w0[layer] + delta.to(w.device, w.dtype))

@@ -74,6 +74,11 @@ class ModelConfig:
     task: str = "classify"  # classify (sequence classifier + head) | causal-lm (fedtune/tasks.py)
     base_dtype: str = "float32"  # frozen base weights: float32 | bfloat16 | float16 (adapters stay fp32)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
+    # devices and precision (fedtune/device.py, docs/gpu.md)
+    device: str = "auto"  # auto (the CUDA device this process was given, else CPU) | cpu | cuda | cuda:N
+    server_device: str = "auto"  # where the server evaluates the global model
+    base_quant: str = "none"  # none | nf4 | int8: a frozen 4/8-bit base through bitsandbytes (QLoRA; CUDA only)
+    cpu_autocast: str = "off"  # auto: bf16 autocast of the fp32 base's forward on CPUs with AMX/AVX512-BF16
 
     def __post_init__(self) -> None:
         _require(self.task in ("classify", "causal-lm"), "task", self.task, "must be classify or causal-lm")
@@ -92,6 +97,12 @@ class ModelConfig:
                  f"must be one of {', '.join(SELECTIONS)}")
         _require(self.sparse_warmup >= 1, "sparse-warmup", self.sparse_warmup, "must be >= 1")
         _require(0.0 <= self.sparse_keep <= 1.0, "sparse-keep", self.sparse_keep, "must be in [0, 1]")
+        from fedtune.device import check as check_device
+
+        check_device("device", self.device)
+        check_device("server-device", self.server_device)
+        _require(self.base_quant in ("none", "nf4", "int8"), "base-quant", self.base_quant, "must be none, nf4 or int8")
+        _require(self.cpu_autocast in ("auto", "off"), "cpu-autocast", self.cpu_autocast, "must be auto or off")
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ class FederationConfig:
     robust: str = "none"
     robust_norm_bound: float = 1.0  # norm-bound: each update's L2 norm is clipped to this
     trim_fraction: float = 0.1  # trimmed-mean: share of the largest and of the smallest values dropped per coordinate
+    ray_address: str = ""  # simulate: "" = a local Ray instance; "auto" or HOST:PORT = an existing Ray cluster
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fedtune.device import placement_of, to_device
 from fedtune.training import Encoded, collate
 
 
@@ -32,14 +33,16 @@ def head_features(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int) 
     feats: list[Tensor] = []
     hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
     model.eval()
+    where = placement_of(model)
     try:
         for s in range(0, len(enc), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(enc))).numpy()
-            b = collate(enc, idx, pad_id)
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            b = to_device(collate(enc, idx, pad_id), where.device)
+            with where.compute():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     finally:
         hook.remove()
-    x = torch.cat(feats).to(torch.float64) if feats else torch.zeros(0, head.in_features, dtype=torch.float64)
+    x = torch.cat(feats).to("cpu", torch.float64) if feats else torch.zeros(0, head.in_features, dtype=torch.float64)
     return x, torch.as_tensor(enc.labels, dtype=torch.long)
 
 

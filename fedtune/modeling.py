@@ -103,28 +103,71 @@ def lora_config(cfg: ModelConfig, num_layers: int = 0):
     )
 
 
-def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
-    """Base model with a fresh adapter. Frozen weights never change after this."""
-    from peft import get_peft_model
-
+def _placed_base(cfg: ModelConfig, num_labels: int, device: torch.device) -> nn.Module:
+    """The frozen base on ``device`` in its precision (or quantized), before any adapter:
+    opacus and peft must see the model where it will train."""
+    from fedtune.device import DTYPES
     from fedtune.tasks import task_of
 
+    if cfg.base_quant != "none":
+        from fedtune import quant
+
+        quant.require(cfg.base_quant, device)  # one line before the base is even read
     base = task_of(cfg).base_model(cfg, num_labels)  # classify: _base_model; causal-lm: fedtune/llm/model.py
-    if cfg.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
+    if cfg.base_quant != "none":
+        return quant.quantize(base, cfg.base_quant, device, cfg.gradient_checkpointing)
+    base = base.to(device=device, dtype=DTYPES[cfg.base_dtype])
+    if cfg.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad; applies in train() mode only
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
+    """Base model with a fresh adapter, on the device ``cfg.device`` resolves to (fedtune/device.py).
+    Frozen weights never change after this; adapter and head are fp32 whatever the base's dtype."""
+    from peft import get_peft_model
+
+    from fedtune.device import Placement, autocast_dtype, place, resolve
+
+    device = resolve(cfg.device)
+    base = _placed_base(cfg, num_labels, device)
+    half = torch.bfloat16 if cfg.base_quant != "none" else autocast_dtype(device, cfg.base_dtype, cfg.cpu_autocast)
     if cfg.adapter != "lora":  # other adapter types: fedtune.adapter_types (sparse: fedtune.sparse)
         from fedtune.adapter_types import ADAPTERS
 
-        return ADAPTERS.get(cfg.adapter)(base, cfg, seed)
+        return place(_fp32_trainable(ADAPTERS.get(cfg.adapter)(base, cfg, seed)), Placement(device, half))
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     if cfg.lora_layers and not num_layers:
         raise ModelError(f"lora-layers needs a model with num_hidden_layers in its config; {cfg.model!r} has none")
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            return get_peft_model(base, lora_config(cfg, num_layers))
+            model = get_peft_model(base, lora_config(cfg, num_layers))
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
+    return place(_fp32_trainable(model), Placement(device, half))
+
+
+def _fp32_trainable(model: nn.Module) -> nn.Module:
+    """Adapter and head in fp32 (a half base's copied head included); the optimizer state follows."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def base_params(cfg: ModelConfig) -> int:
+    """Parameters of ``cfg``'s base, counted on the meta device (nothing allocated); 0 if unknown."""
+    from dataclasses import replace
+
+    from fedtune.tasks import task_of
+
+    try:
+        with torch.device("meta"):
+            base = task_of(cfg).base_model(replace(cfg, base_quant="none"), 2)
+        return sum(p.numel() for p in base.parameters())
+    except Exception:  # noqa: BLE001 - an estimate for profiles=auto only
+        return 0
 
 
 @dataclass(frozen=True)
@@ -151,8 +194,9 @@ def shared_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> SharedMode
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """{name: tensor} of every trainable parameter (adapter + head), detached copies."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """{name: tensor} of every trainable parameter (adapter + head), detached copies on the
+    CPU: the wire boundary, where tensors leave the model's device."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, Tensor]) -> None:

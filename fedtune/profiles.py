@@ -10,7 +10,9 @@ to clients with one flat key, ``profiles``:
 - ``"gpu-large,gpu-small,cpu-edge"``: round-robin by client id (a list of ``num-clients``
   names assigns every client explicitly);
 - ``"gpu-large:0.2,cpu-edge:0.8"``: proportions, contiguous blocks of client ids;
-- ``"auto"``: each client picks from its own hardware (``detect_profile``).
+- ``"auto"``: each client picks from its own hardware (``detect_profile``): no GPU ->
+  cpu-edge (on the CPU), a GPU of about 8 / 24 / 80 GiB -> gpu-small / gpu-medium / gpu-large
+  (bf16 base, checkpointing below 48 GiB, a 4-bit base only where the weights dominate).
 
 User profiles (``profile-defs``, or ``[profiles.NAME]`` tables in a TOML file) are strings
 ``"NAME lora-rank=4 layers=2 batch-size=8"``; unset fields inherit the run's values.
@@ -27,7 +29,10 @@ from fedtune.registry import Registry
 
 AUTO = "auto"
 DEFAULT = "default"  # the implicit profile of a run without profiles
-LARGE_GPU_BYTES = 16 * 2**30  # free GPU memory from which a device counts as gpu-large
+GIB = 2**30
+TIERS = ((48 * GIB, "gpu-large"), (16 * GIB, "gpu-medium"), (0, "gpu-small"))  # GPU memory -> built-in profile
+QUANT_MIN_PARAMS = 3_000_000_000  # below ~3B parameters 4-bit costs more memory than bf16 (docs/gpu.md)
+QUANT_WEIGHT_SHARE = 0.25  # 4-bit when the bf16 weights would take more than this share of the GPU
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,12 @@ class Profile:
     batch_size: int | None = None
     local_steps: int | None = None
     num_cpus: int | None = None  # torch threads of the client (simulation actors all get client-cpus)
-    num_gpus: float = 0.0  # the GPU share the device class has; informs detection only (training is on CPU)
+    num_gpus: float = 0.0  # the GPU share the device class has (informs detection; device says where it trains)
     sparse_density: float | None = None  # adapter=sparse: this device's share of trained entries
     base_dtype: str | None = None  # task=causal-lm: frozen base weights (bfloat16/float16 on GPUs); None = the run's
-    gradient_checkpointing: bool | None = None  # task=causal-lm: recompute activations; None = the run's
+    gradient_checkpointing: bool | None = None  # recompute activations; None = the run's
+    device: str | None = None  # auto | cpu | cuda | cuda:N (fedtune/device.py); None = the run's
+    base_quant: str | None = None  # none | nf4 | int8 (bitsandbytes, CUDA only); None = the run's
 
     def __post_init__(self) -> None:
         for key, value, low in (("lora-rank", self.lora_rank, 1), ("layers", self.layers, 0),
@@ -58,11 +65,17 @@ class Profile:
         if self.base_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"bad profile {self.name!r}: base-dtype={self.base_dtype!r} must be float32, bfloat16 "
                               "or float16")
+        if self.device is not None:
+            from fedtune.device import check as check_device
+
+            check_device(f"profile {self.name!r} device", self.device)
+        if self.base_quant not in (None, "none", "nf4", "int8"):
+            raise ConfigError(f"bad profile {self.name!r}: base-quant={self.base_quant!r} must be none, nf4 or int8")
 
 
 BUILTIN: Registry[Profile] = Registry("profile")
-for _p in (Profile("gpu-large", 16, num_gpus=1.0), Profile("gpu-small", 8, num_gpus=1.0),
-           Profile("cpu-edge", 2, layers=3, batch_size=8)):
+for _p in (Profile("gpu-large", 16, num_gpus=1.0), Profile("gpu-medium", 16, num_gpus=1.0),
+           Profile("gpu-small", 8, num_gpus=1.0), Profile("cpu-edge", 2, layers=3, batch_size=8, device="cpu")):
     BUILTIN.register(_p.name)(_p)
 
 def flag(raw: str) -> bool:
@@ -75,7 +88,8 @@ def flag(raw: str) -> bool:
 
 
 _FIELDS = {"lora-rank": int, "layers": int, "batch-size": int, "local-steps": int, "num-cpus": int, "num-gpus": float,
-           "sparse-density": float, "base-dtype": str, "gradient-checkpointing": flag}
+           "sparse-density": float, "base-dtype": str, "gradient-checkpointing": flag, "device": str,
+           "base-quant": str}
 
 
 def parse_def(spec: str) -> Profile:
@@ -149,13 +163,23 @@ def probe_hardware() -> Hardware:
     return Hardware(n, max(torch.cuda.mem_get_info(i)[0] for i in range(n)))
 
 
-def detect_profile(probe: Callable[[], Hardware] = probe_hardware) -> Profile:
-    """A real client's built-in profile from its hardware: a GPU with >= 16 GiB free ->
-    gpu-large, a smaller GPU -> gpu-small, no GPU -> cpu-edge."""
+def detect_profile(probe: Callable[[], Hardware] = probe_hardware, share: float = 0.0,
+                   base_params: Callable[[], int] = lambda: 0) -> Profile:
+    """A real client's built-in profile from its hardware: no GPU -> cpu-edge; else by the
+    GPU memory it may use (free memory, times its ``share`` = client-gpus when > 0):
+    >= 48 GiB gpu-large, >= 16 GiB gpu-medium, less gpu-small. A base of >= 3B parameters
+    whose bf16 weights would take over a quarter of that memory is loaded in 4-bit (nf4): the
+    only case where QLoRA saves memory (H100: 8B nf4 12.4 GiB vs bf16 18.6; 1B nf4 costs more)."""
     hw = probe()
     if hw.gpus == 0:
         return BUILTIN.get("cpu-edge")
-    return BUILTIN.get("gpu-large" if hw.free_gpu_bytes >= LARGE_GPU_BYTES else "gpu-small")
+    usable = hw.free_gpu_bytes * (share if 0 < share < 1 else 1.0)
+    profile = BUILTIN.get(next(name for floor, name in TIERS if usable >= floor))
+    profile = replace(profile, base_dtype="bfloat16", gradient_checkpointing=usable < TIERS[0][0])  # on the GPU
+    params = base_params()
+    if params >= QUANT_MIN_PARAMS and 2 * params > QUANT_WEIGHT_SHARE * usable:
+        profile = replace(profile, base_quant="nf4")
+    return profile
 
 
 def default_profile(lora_rank: int, lora_layers: int) -> Profile:
@@ -169,7 +193,9 @@ def assign(cfg, client: int, probe: Callable[[], Hardware] = probe_hardware) -> 
     if not spec:
         return default_profile(cfg.model.lora_rank, cfg.model.lora_layers)
     if spec == AUTO:
-        return detect_profile(probe)
+        from fedtune.modeling import base_params
+
+        return detect_profile(probe, cfg.federation.client_gpus, lambda: base_params(cfg.model))
     items = _parse_assignment(spec, registry(cfg.federation.profile_defs))
     if items[0][1] is None:
         return items[client % len(items)][0]
@@ -206,14 +232,16 @@ def apply(cfg, profile: Profile):
     train = replace(cfg.train, batch_size=profile.batch_size or cfg.train.batch_size,
                     local_steps=profile.local_steps or cfg.train.local_steps)
     model = replace(model, base_dtype=profile.base_dtype or model.base_dtype, gradient_checkpointing=(
-        model.gradient_checkpointing if profile.gradient_checkpointing is None else profile.gradient_checkpointing))
+        model.gradient_checkpointing if profile.gradient_checkpointing is None else profile.gradient_checkpointing),
+        device=profile.device or model.device, base_quant=profile.base_quant or model.base_quant)
     fed = replace(cfg.federation, client_cpus=profile.num_cpus or cfg.federation.client_cpus)
     return replace(cfg, model=model, train=train, federation=fed)
 
 
 def server_model(cfg):
-    """The server's ModelConfig: the largest rank any client may hold, on every layer (the
-    global adapter each client's slice is cut from); without profiles, the run's own."""
+    """The server's ModelConfig, on ``server-device``: the largest rank any client may hold, on
+    every layer (the global adapter each client's slice is cut from); without profiles, the run's own."""
+    model = replace(cfg.model, device=cfg.model.server_device)
     if not cfg.federation.profiles.strip():
-        return cfg.model
-    return replace(cfg.model, lora_rank=max(p.lora_rank for p in candidates(cfg)), lora_layers=0)
+        return model
+    return replace(model, lora_rank=max(p.lora_rank for p in candidates(cfg)), lora_layers=0)

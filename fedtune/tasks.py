@@ -114,9 +114,9 @@ def check_task(cfg) -> None:
     if m.task == "causal-lm" and cfg.train.head_init == "ncm":
         raise ConfigError("bad value head-init='ncm': a causal LM has no classification head; "
                           "set head-init=random with task=causal-lm (the llm preset does)")
-    if m.task == "classify" and (m.base_dtype != "float32" or m.gradient_checkpointing):
-        raise ConfigError(f"bad value base-dtype={m.base_dtype!r} / gradient-checkpointing={m.gradient_checkpointing}: "
-                          "half-precision bases and checkpointing are for task=causal-lm")
+    if m.base_quant != "none" and m.adapter != "lora":
+        raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "
+                          f"(adapter={m.adapter!r} trains entries of the base weights)")
     if m.gradient_checkpointing and cfg.privacy.dp == "sample":
         raise ConfigError("bad value gradient-checkpointing=True: dp=sample computes per-example gradients from "
                           "forward hooks, which a recomputed forward would fire twice; turn one of them off")

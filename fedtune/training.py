@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fedtune.config import TrainConfig
 from fedtune.data.sources import Split
+from fedtune.device import placement_of, to_device
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,13 @@ class BatchStream:
 
 def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int) -> list[float]:
     """``steps`` optimizer steps; returns the per-step losses."""
-    model.train()
+    model.train()  # also what makes transformers apply gradient checkpointing
+    where = placement_of(model)
     losses = []
     for _ in range(steps):
-        loss = model(**batches.next()).loss
+        batch = to_device(batches.next(), where.device)
+        with where.compute():  # autocast of the frozen base, if any (fedtune/device.py)
+            loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -127,11 +131,14 @@ def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int) -> di
     if len(enc) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
     model.eval()
+    where = placement_of(model)
     order = np.argsort([len(x) for x in enc.ids], kind="stable")
     loss_sum, correct = 0.0, 0
     for s in range(0, len(order), batch_size):
-        batch = collate(enc, order[s : s + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
+        batch = to_device(collate(enc, order[s : s + batch_size], pad_id), where.device)
+        with where.compute():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
+        logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     n = len(enc)

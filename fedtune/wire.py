@@ -17,6 +17,7 @@ RANK, ALPHA, SCALE, RSLORA = "lora-rank", "lora-alpha", "lora-scale", "use-rslor
 ADAPTER_KEYS = (RANK, ALPHA, SCALE, RSLORA)
 ADAPTER = "adapter"  # RecordDict key of the reply's ConfigRecord {PROFILE: name}
 PROFILE = "profile"
+DEVICE_INDEX, GPU_PEAK = "device-index", "gpu-peak-mib"  # MetricRecord: where a client trained (-1 = CPU), its peak
 BASE = "base-delta/"  # ArrayRecord key prefix: dense delta of a layer's frozen base weight
 
 

@@ -15,7 +15,7 @@ def cfg(**flat):
 
 def test_builtins_and_user_profiles_share_one_registry() -> None:
     table = P.registry(["mid lora-rank=4 layers=2 batch-size=8 local-steps=3 num-cpus=1"])
-    assert table.names() == ["cpu-edge", "gpu-large", "gpu-small", "mid"]
+    assert table.names() == ["cpu-edge", "gpu-large", "gpu-medium", "gpu-small", "mid"]
     assert (table.get("gpu-large").lora_rank, table.get("gpu-small").lora_rank, table.get("cpu-edge").lora_rank) == (16, 8, 2)
     assert table.get("cpu-edge").layers > 0  # fewer (the deepest) layers
     assert table.get("mid") == P.Profile("mid", 4, layers=2, batch_size=8, local_steps=3, num_cpus=1)
@@ -79,11 +79,26 @@ def test_toml_profile_tables(tmp_path) -> None:
     assert build_config(c.to_flat()) == c  # survives the JSON trip to the clients
 
 
-@pytest.mark.parametrize("hw, name", [
-    (P.Hardware(0, 0), "cpu-edge"), (P.Hardware(1, 8 * 2**30), "gpu-small"), (P.Hardware(2, 40 * 2**30), "gpu-large"),
+@pytest.mark.parametrize("hw, name, device, dtype, ckpt", [
+    (P.Hardware(0, 0), "cpu-edge", "cpu", None, None),
+    (P.Hardware(1, 8 * 2**30), "gpu-small", None, "bfloat16", True),
+    (P.Hardware(2, 24 * 2**30), "gpu-medium", None, "bfloat16", True),
+    (P.Hardware(1, 80 * 2**30), "gpu-large", None, "bfloat16", False),
 ])
-def test_detect_profile_from_a_probe(hw: P.Hardware, name: str) -> None:
-    assert P.detect_profile(lambda: hw).name == name
+def test_detect_profile_from_a_probe(hw: P.Hardware, name: str, device, dtype, ckpt) -> None:
+    p = P.detect_profile(lambda: hw)
+    assert (p.name, p.device, p.base_dtype, p.gradient_checkpointing, p.base_quant) == (name, device, dtype, ckpt, None)
+
+
+@pytest.mark.parametrize("gib, share, params, name, quant", [
+    (24, 0.0, 8_000_000_000, "gpu-medium", "nf4"),  # 16 GB of bf16 weights on 24 GiB: 4-bit (H100: 12.4 vs 18.6 GiB)
+    (80, 0.0, 8_000_000_000, "gpu-large", None),  # fits in bf16
+    (24, 0.0, 1_200_000_000, "gpu-medium", None),  # 1B: 4-bit would cost more memory than bf16
+    (80, 0.25, 8_000_000_000, "gpu-medium", "nf4"),  # a quarter of an 80 GiB card is a 20 GiB device
+])
+def test_auto_profile_quantizes_only_where_the_weights_dominate(gib, share, params, name, quant) -> None:
+    p = P.detect_profile(lambda: P.Hardware(1, gib * 2**30), share, lambda: params)
+    assert (p.name, p.base_quant) == (name, quant)
 
 
 def test_auto_assignment_uses_the_probe_and_the_real_probe_runs(monkeypatch) -> None:

@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import wire
 from fedtune.client.adapter import node_profile, prepare, reply_adapter
+from fedtune.client.gpu import device_metrics, oom_mod, start_round
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
 from fedtune.head_init import class_feature_sums, head_module
@@ -28,9 +29,10 @@ def _setup(msg: Message, context: Context):
     return prepare(msg, context)
 
 
-@app.train(mods=[client_dp_mod])  # clips the update only for dp=client-* with dp-clipping=client
+@app.train(mods=[oom_mod, client_dp_mod])  # a CUDA OOM fails this client only; clips for dp=client-* on clients
 def train(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
+    start_round(worker.model)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = client_seed(cfg.federation.seed, server_round, client)
     if cfg.model.adapter == "sparse":  # fedtune.sparse: choose entries, train only them (DP-SGD: seeded masks)
@@ -41,14 +43,15 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
     weight = 0 if stats.get("budget_exhausted") else len(worker.data.train)  # spent: did not train, weight 0
     stated, adapter = reply_adapter(cfg, worker, context, server_round)  # rank, alpha, scale, rsLoRA; profile
-    metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated})
+    metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated,
+                            **device_metrics(worker.model)})
     arrays = encode_reply(cfg, worker.model, msg.content[wire.ARRAYS], context, seed)  # compressed / sparse: encoded
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics,
                           wire.ADAPTER: adapter})
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[oom_mod])
 def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
     res = task_of(cfg).evaluate(worker.model, worker.data.val, cfg.train.eval_batch_size, worker.pad_id)
@@ -57,7 +60,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
-@app.query("head_init")
+@app.query("head_init", mods=[oom_mod])
 def head_init(msg: Message, context: Context) -> Message:
     """Per-class sums and counts of head features on (up to N of) this client's examples."""
     cfg, client, worker = _setup(msg, context)

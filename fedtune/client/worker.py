@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fedtune.config import DataConfig, PartitionConfig, RunConfig
 from fedtune.data import client_data, load_dataset
+from fedtune.device import cap_memory, placement_of
 from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.tasks import TASKS
 from fedtune.training import Encoded
@@ -43,5 +44,6 @@ def get_worker(cfg: RunConfig, client: int) -> Worker:
     torch.set_num_threads(cfg.federation.client_cpus)
     num_labels = load_dataset(cfg.data).num_labels
     shared = shared_model(cfg.model, num_labels, cfg.federation.seed)
+    cap_memory(cfg.federation.client_gpus, placement_of(shared.model).device)  # the share as a hard cap
     data = _data(cfg.data, cfg.partition, cfg.model.model, cfg.federation.seed, client, cfg.model.task)
     return Worker(shared.model, data, load_tokenizer(cfg.model.model).pad_token_id or 0, shared.initial)

@@ -29,7 +29,7 @@ def demo_model(cfg: RunConfig, steps: int, train_examples: int = 4000) -> nn.Mod
     idx = rng.choice(len(ds.train), min(train_examples, len(ds.train)), replace=False)
     tok = load_tokenizer(cfg.model.model)
     enc = encode(tok, ds.train.subset(idx), cfg.data.max_length)
-    model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
+    model = build_model(dataclasses.replace(cfg.model, device="cpu"), ds.num_labels, seed=cfg.federation.seed)
     train_cfg = dataclasses.replace(cfg.train, local_steps=steps, local_epochs=0.0)
     train_local(model, enc, train_cfg, cfg.federation.seed, tok.pad_token_id or 0)
     return model.eval()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,14 @@ def load_lm(run_dir: Path):
     from safetensors.torch import load_file
 
     from fedtune.adapters import set_base
-    from fedtune.edge_export.merge import _base_deltas, _run_files
+    from fedtune.edge_export.merge import _base_deltas, _run_files, for_export
     from fedtune.modeling import build_model
     from fedtune.profiles import server_model
     from fedtune.server.run_dir import RunDir
 
     weights, labels_file = _run_files(run_dir)
     cfg = RunDir(run_dir).config()
-    mcfg = replace(server_model(cfg), base_dtype="float32", gradient_checkpointing=False)  # export in fp32
+    mcfg = for_export(server_model(cfg))  # the full-precision base on the CPU
     model = build_model(mcfg, len(json.loads(labels_file.read_text())), seed=cfg.federation.seed)
     try:
         set_peft_model_state_dict(model, load_file(str(weights)))

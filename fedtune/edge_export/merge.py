@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,13 @@ def _base_deltas(run_dir: Path) -> dict[str, Tensor]:
         raise ExportError(f"cannot read the base deltas {path}: {_first_line(exc)}") from None
 
 
+def for_export(mcfg):
+    """The ModelConfig an export merges into: the full-precision base on the CPU, whatever the
+    run trained on (a bf16, 4-bit or 8-bit base on a GPU: the adapter is merged into fp32 weights)."""
+    return dataclasses.replace(mcfg, device="cpu", base_quant="none", base_dtype="float32",
+                               gradient_checkpointing=False, cpu_autocast="off")
+
+
 def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -103,7 +111,7 @@ def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
     weights, labels_file = _run_files(run_dir)
     cfg = RunDir(run_dir).config()
     labels = read_labels(labels_file)
-    mcfg = server_model(cfg)  # what the server built: with profiles, the largest rank on every layer
+    mcfg = for_export(server_model(cfg))  # what the server built: with profiles, the largest rank on every layer
     with _no_progress_bar():
         model = build_model(mcfg, len(labels), seed=cfg.federation.seed)
     try:
@@ -192,7 +200,7 @@ def load_client(run_dir: str | Path, client: int) -> LoadedRun:
                           f"not client {client}'s of this {strategy!r} run")
     ccfg = apply(cfg, profile)
     with _no_progress_bar():
-        model = build_model(ccfg.model, len(run.labels), seed=cfg.federation.seed)
+        model = build_model(for_export(ccfg.model), len(run.labels), seed=cfg.federation.seed)
     initial = trainable_state(model)
     recipe.prepare(model, initial, cfg.federation.seed)  # as the client does (fedtune.client.adapter.prepare)
     g = GlobalState(trainable_state(run.model), deltas)

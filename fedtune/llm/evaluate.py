@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtune.device import placement_of, to_device
 from fedtune.llm.data import LMEncoded, prompt_ids, token_nll
 
 GENERATIONS = "generations.jsonl"
@@ -31,11 +32,13 @@ def evaluate_lm(model: nn.Module, enc: LMEncoded, batch_size: int, pad_id: int) 
     if len(enc) == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
     model.eval()
+    where = placement_of(model)
     order = np.argsort([len(x) for x in enc.ids], kind="stable")
     nll = tokens = correct = 0.0
     for s in range(0, len(order), batch_size):
-        b = enc.collate(order[s : s + batch_size], pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
+        b = to_device(enc.collate(order[s : s + batch_size], pad_id), where.device)
+        with where.compute():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
         total, n = token_nll(logits, b["labels"])
         nll, tokens = nll + float(total.sum()), tokens + float(n.sum())
         target = b["labels"][:, 1:]
@@ -48,9 +51,11 @@ def evaluate_lm(model: nn.Module, enc: LMEncoded, batch_size: int, pad_id: int) 
 @torch.inference_mode()
 def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = GEN_TOKENS) -> list[int]:
     """Greedy continuation of a one-turn chat prompt (new token ids; stops at end of turn)."""
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])  # [1, T]
+    where = placement_of(model)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=where.device)  # [1, T]
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+    with where.compute():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return out[0, ids.shape[1]:].tolist()

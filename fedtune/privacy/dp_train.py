@@ -27,6 +27,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from fedtune.config import TrainConfig
+from fedtune.device import placement_of, to_device
 from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import PrivacyAccountant
 from fedtune.privacy.calibrate import Entry, calibrate, sample_rate
@@ -121,7 +122,8 @@ def train_local_dp(
 
     entropy = secrets.randbits(63) if noise_seed is None else int(noise_seed)
     rng = np.random.default_rng(entropy)  # Poisson sampling
-    device = named[0][1].device
+    where = placement_of(model)
+    device = where.device
     generator = torch.Generator(device=device)
     generator.manual_seed(entropy)  # Gaussian noise
     torch.manual_seed(seed)  # dropout masks
@@ -165,9 +167,10 @@ def train_local_dp(
                 for _, p in named:
                     p.grad_sample = p.new_zeros((0, *p.shape))
             else:
-                batch = enc.collate(idx, pad_id)  # the task's batching and per-example loss (fedtune/tasks.py)
-                logits = gsm(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [B, C] or [B, T, V]
-                loss = enc.loss(logits, batch["labels"].to(device))
+                batch = to_device(enc.collate(idx, pad_id), device)  # the task's batching and per-example loss
+                with where.compute():  # autocast of a half base (fedtune/device.py)
+                    logits = gsm(batch["input_ids"], batch["attention_mask"])  # [B, C] or [B, T, V]
+                loss = enc.loss(logits.float(), batch["labels"])
                 loss.backward()
                 _check_grad_samples(named, len(idx))
                 losses.append(loss.detach().item())

@@ -30,7 +30,7 @@ from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
 from fedtune.strategies.recipes import recipe_for
 
-_BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS}
+_BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS, wire.DEVICE_INDEX, wire.GPU_PEAK}
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -103,6 +103,8 @@ def run_federation(
         }
         if stats and stats.note:
             row["note"] = stats.note
+        if stats and stats.clients:
+            row["client_devices"] = stats.clients  # each replying client's profile, device and GPU peak
         row.update({k: v for k, v in res.items() if k not in row and k != "num_examples"})  # e.g. perplexity
         for key, r in results.items():  # per profile (rank group), on the same test slice
             row.update({f"accuracy_{key}": r["accuracy"], f"loss_{key}": r["loss"]})

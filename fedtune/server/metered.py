@@ -33,6 +33,7 @@ class RoundStats:
     aggregated: bool = True  # False: too few good replies (or none released); the global model is kept
     note: str = ""  # why the round did not aggregate
     train: dict[str, float] = field(default_factory=dict)
+    clients: list[dict] = field(default_factory=list)  # {"client", "profile", "device"[, "gpu_peak_mib"]} per reply
     client_eval: dict[str, float] = field(default_factory=dict)
 
 
@@ -49,6 +50,18 @@ def _stated_client(m: Message) -> int | None:
     met = m.content.get(wire.METRICS)
     value = met.get(wire.CLIENT_ID) if isinstance(met, MetricRecord) else None
     return int(value) if isinstance(value, (int, float)) and float(value).is_integer() else None
+
+
+def _client_info(m: Message) -> dict:
+    """Which client replied, with which profile, on which device (and its GPU peak there)."""
+    met, adapter = m.content.get(wire.METRICS), m.content.get(wire.ADAPTER)
+    index = met.get(wire.DEVICE_INDEX) if isinstance(met, MetricRecord) else None
+    info: dict = {"client": _stated_client(m),
+                  "profile": adapter.get(wire.PROFILE) if isinstance(adapter, ConfigRecord) else None,
+                  "device": "cpu" if index is None or index < 0 else f"cuda:{int(index)}"}
+    if info["device"] != "cpu":
+        info["gpu_peak_mib"] = round(float(met.get(wire.GPU_PEAK, 0.0)), 1)
+    return info
 
 
 class Metered(Strategy):
@@ -90,6 +103,8 @@ class Metered(Strategy):
             else:
                 stats.replied += 1
                 stats.bytes_up += _message_bytes(m)
+                stats.clients.append(_client_info(m))
+        stats.clients.sort(key=lambda c: (c["client"] is None, c["client"] or 0))
         replies = self._screen(server_round, replies, stats)
         good = {m.metadata.src_node_id for m in replies if not m.has_error()}
         stats.missing = sorted((self._client(n) for n in stats.sampled_nodes if n not in good),

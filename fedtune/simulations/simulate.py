@@ -16,6 +16,7 @@ from typing import Any
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset, partition_indices
 from fedtune.modeling import load_tokenizer, shared_model
+from fedtune.profiles import server_model
 from fedtune.server.app import Progress, make_server_app, print_progress
 from fedtune.server.run_dir import CLIENTS_DIR, RunDir
 from fedtune.strategies.recipes import recipe_for
@@ -26,26 +27,44 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Flower's Ray backend: each virtual client's share (client-cpus, client-gpus) and Ray's
+    init arguments: a local Ray instance, or the cluster at ``ray-address`` (docs/gpu.md)."""
     fed = cfg.federation
-    return {
-        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-        "init_args": {
-            "num_cpus": max(fed.client_cpus, os.cpu_count() or 1),
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": True,
-        },
-    }
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    if fed.ray_address:  # an existing cluster brings its own resources
+        init["address"] = fed.ray_address
+    else:
+        init["num_cpus"] = max(fed.client_cpus, os.cpu_count() or 1)
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init}
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """One line before Ray starts (never a hang waiting for GPUs that do not exist): the
+    clients' and the server's devices, and client-gpus, on this machine. A run on an existing
+    Ray cluster (ray-address) is checked by its own nodes."""
+    import torch
+
+    from fedtune.device import resolve
+    from fedtune.errors import ConfigError
+
+    resolve(cfg.model.server_device, "server-device")
+    if cfg.federation.ray_address:
+        return
+    resolve(cfg.model.device, "device")
+    if cfg.federation.client_gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"bad value client-gpus={cfg.federation.client_gpus}: this machine has no CUDA device "
+                          "(set client-gpus=0, or ray-address=auto to use a Ray cluster with GPUs)")
 
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, in this process, on what would otherwise fail inside Ray: the data, the
-    partitioning, the tokenizer and the model with its adapter (built once, reused by the
-    server, which runs in this process)."""
+    partitioning, the devices, the tokenizer and the model with its adapter (built once, on
+    the server's device, and reused by the server, which runs in this process)."""
+    check_devices(cfg)
     ds = load_dataset(cfg.data)
     partition_indices(cfg.data, cfg.partition, cfg.federation.seed)
     load_tokenizer(cfg.model.model)
-    shared_model(cfg.model, ds.num_labels, cfg.federation.seed)
+    shared_model(server_model(cfg), ds.num_labels, cfg.federation.seed)
     from fedtune.privacy.federation import preflight as privacy_preflight  # noise calibration, DP wrappers
 
     privacy_preflight(cfg)

@@ -50,13 +50,14 @@ class SparseLinear(nn.Module):
 
     def start(self, idx: Tensor) -> nn.Parameter:
         """Train the entries ``idx`` from zero; returns the new trainable ``sparse_values``."""
-        self.idx = idx.to(torch.long)
-        self.sparse_values = nn.Parameter(torch.zeros(len(idx), dtype=torch.float32))
+        device = self.base_layer.weight.device
+        self.idx = idx.to(device, torch.long)
+        self.sparse_values = nn.Parameter(torch.zeros(len(idx), dtype=torch.float32, device=device))
         return self.sparse_values
 
     def stop(self) -> tuple[Tensor, Tensor]:
         """(idx [k], trained values [k]); the layer is its frozen base again."""
-        out = (self.idx.clone(), self.sparse_values.detach().clone())
+        out = (self.idx.to("cpu", copy=True), self.sparse_values.detach().to("cpu", copy=True))  # for the wire
         self.idx = torch.empty(0, dtype=torch.long)
         self.sparse_values = nn.Parameter(torch.empty(0), requires_grad=False)
         return out
@@ -105,7 +106,7 @@ class SparseModel(nn.Module):
                 if isinstance(mod, SparseLinear):
                     w = mod.base_layer.weight
                     idx, values = mod.stop()
-                    w.view(-1).index_add_(0, idx, values.to(w.dtype))
+                    w.view(-1).index_add_(0, idx.to(w.device), values.to(w.device, w.dtype))
                     plain = mod.base_layer
                 else:
                     plain = mod.modules_to_save["default"]

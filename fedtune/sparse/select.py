@@ -106,7 +106,7 @@ def _magnitude(ctx: SelectContext) -> dict[str, Tensor]:
     for name, m in ctx.layers.items():
         w = m.base_layer.weight
         k = num_entries(ctx.density, w.numel())
-        kept = torch.empty(0, dtype=torch.long)
+        kept = torch.empty(0, dtype=torch.long, device=w.device)
         if ctx.keep > 0 and name in ctx.w0:
             delta = (w.detach() - ctx.w0[name]).abs().flatten()
             n_keep = min(int(ctx.keep * k), int((delta > 0).sum()))
@@ -135,7 +135,7 @@ def _ks(ctx: SelectContext) -> dict[str, Tensor]:
             stat = ks_statistic(before[name], w.detach())  # [d_out]
             rows = max(1, round(num_entries(ctx.density, w.numel()) / w.shape[1]))
             chosen = torch.topk(stat, min(rows, w.shape[0])).indices.sort().values  # [rows]
-            out[name] = (chosen[:, None] * w.shape[1] + torch.arange(w.shape[1])).flatten()
+            out[name] = (chosen[:, None] * w.shape[1] + torch.arange(w.shape[1], device=w.device)).flatten()
         return out
     finally:
         with torch.no_grad():

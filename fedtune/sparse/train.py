@@ -14,6 +14,7 @@ from torch import nn
 from fedtune import wire
 from fedtune.adapters import _W0  # the weights as built, recorded by set_base (prune-and-regrow)
 from fedtune.config import RunConfig
+from fedtune.device import placement_of, to_device
 from fedtune.sparse.layer import sparse_layers
 from fedtune.sparse.select import SELECTIONS, SelectContext
 from fedtune.training import BatchStream, Encoded, make_optimizer, num_local_steps, run_steps, warmup
@@ -23,7 +24,9 @@ def choose(model: nn.Module, cfg: RunConfig, batches: BatchStream) -> dict:
     """{layer: idx} by the configured selection rule."""
     layers = sparse_layers(model)
     w0 = {n: w for n, w in _W0.get(model, {}).items() if n in layers}
-    ctx = SelectContext(model, layers, cfg.model.sparse_density, batches.next, cfg.model.sparse_warmup,
+    device = placement_of(model).device
+    ctx = SelectContext(model, layers, cfg.model.sparse_density, lambda: to_device(batches.next(), device),
+                        cfg.model.sparse_warmup,
                         cfg.model.sparse_keep, cfg.federation.seed, cfg.train.lr, w0)
     return SELECTIONS.get(cfg.model.sparse_selection)(ctx)
 
