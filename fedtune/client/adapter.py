@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedtune import wire
 from fedtune.adapters import scalings, set_base
-from fedtune.client.node import local_data, profile_of
+from fedtune.client.node import local_data, node_device, profile_of
 from fedtune.client.restore import saved_personal
 from fedtune.client.worker import Worker, get_worker
 from fedtune.compression.downlink import densify
@@ -42,7 +42,7 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
     loaded as the message says)."""
     run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     client = int(context.node_config["partition-id"])
-    cfg = apply(run, node_profile(run, context))
+    cfg = node_device(apply(run, node_profile(run, context)), context)  # a device the node declares wins
     worker = get_worker(*local_data(cfg, client, context))  # deployed: the node's own data, if it has some
     recipe = recipe_for(cfg.federation.strategy)
     recipe.prepare(worker.model, worker.initial, cfg.federation.seed)

@@ -4,6 +4,8 @@ how it changes the run config this node runs with.
 - ``partition-id``: the node's client id (also in simulation);
 - ``profile``: its device profile; used when the run lets clients choose (``profiles=auto``),
   in place of detection from the hardware; other runs assign profiles by client id;
+- ``device``: where this node trains (``fedtune join --device``), in place of the run's
+  ``device`` and its profile's;
 - ``dataset``: on this node only, in place of the run's ``dataset``: a bundled dataset
   name (the node takes its partition of it) or a local CSV/TSV path (the node's own data:
   all of it, split into train/validation by ``val-fraction``). Same columns and label set
@@ -20,6 +22,7 @@ from fedtune.profiles import AUTO, Profile, assign, lookup
 
 PROFILE = "profile"
 DATASET = "dataset"
+DEVICE = "device"
 
 
 def declared_profile(cfg: RunConfig, context: Context) -> Profile | None:
@@ -33,6 +36,12 @@ def declared_profile(cfg: RunConfig, context: Context) -> Profile | None:
 def profile_of(cfg: RunConfig, context: Context) -> Profile:
     """This node's device profile: declared (profiles=auto), else the run's assignment."""
     return declared_profile(cfg, context) or assign(cfg, int(context.node_config["partition-id"]))
+
+
+def node_device(cfg: RunConfig, context: Context) -> RunConfig:
+    """``cfg`` with the device this node declares (``fedtune join --device``), if any."""
+    device = str(context.node_config.get(DEVICE, "")).strip()
+    return cfg.replace(device=device) if device and device != cfg.model.device else cfg
 
 
 def local_data(cfg: RunConfig, client: int, context: Context) -> tuple[RunConfig, int]:

@@ -26,6 +26,7 @@ class JoinOptions:
     partition_id: int
     profile: str = AUTO  # a built-in profile name, or auto (from this machine's hardware)
     data: str = ""  # a bundled dataset name or a local CSV/TSV; "" = the run's dataset
+    device: str = ""  # auto | cpu | cuda | cuda:N: where this node trains; "" = the run's (fedtune/device.py)
     state_dir: Path | None = None  # this node's Flower home (installed app bundles); default ~/.fedtune/node-<id>
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = a free one
 
@@ -41,6 +42,8 @@ def node_config(opts: JoinOptions) -> str:
     items = [f"partition-id={opts.partition_id}", f"profile={_quote(opts.profile)}"]
     if opts.data:
         items.append(f"dataset={_quote(opts.data)}")
+    if opts.device:
+        items.append(f"device={_quote(opts.device)}")
     return " ".join(items)
 
 
@@ -53,6 +56,10 @@ def check(opts: JoinOptions) -> None:
         raise DeployError(f"bad --partition-id {opts.partition_id}: must be >= 0")
     if opts.profile != AUTO and opts.profile not in BUILTIN:
         raise DeployError(f"unknown profile {opts.profile!r}; valid: {AUTO}, {', '.join(BUILTIN)}")
+    if opts.device:
+        from fedtune.device import resolve
+
+        resolve(opts.device, "--device")  # this machine must have it: one line now, not a failed round later
     if opts.data:
         from fedtune.data.sources import SOURCES
 
