@@ -49,17 +49,19 @@ CASES = [("MiniLM-L6 classifier", 16, 64, "float32", "none", False),
          ("Llama-3.2-1B", 8, 512, "bfloat16", "none", True),
          ("Llama-3.2-1B", 8, 512, "float32", "nf4", True)]
 QUICK = CASES[:5]
+DEVICE = "cuda"  # a CPU smoke run of this script's code paths patches it (and torch.cuda's counters)
 
 
 def save_shape(name: str, root: Path) -> Path:
     """The shape's model, built from its config (random weights), saved as a local folder."""
-    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     kind, kw, _, _ = SHAPES[name]
     path = root / name.replace(" ", "-")
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(**kw)) if kind == "bert" else LlamaForCausalLM(LlamaConfig(**kw))
+        bert = kind == "bert"
+        model = BertForSequenceClassification(BertConfig(**kw)) if bert else LlamaForCausalLM(LlamaConfig(**kw))
         model.save_pretrained(str(path))
         del model
     return path
@@ -100,7 +102,7 @@ def fedtune_step(path: Path, case, steps: int) -> tuple[float, float]:
     name, batch, seq, dtype, quant, ckpt = case
     _, kw, task, targets = SHAPES[name]
     cfg = ModelConfig(model=str(path), task=task, lora_rank=8, target_modules=targets, base_dtype=dtype,
-                      base_quant=quant, gradient_checkpointing=ckpt, device="cuda")
+                      base_quant=quant, gradient_checkpointing=ckpt, device=DEVICE)
     model = build_model(cfg, kw.get("num_labels", 0))
     opt = make_optimizer(model, TrainConfig(batch_size=batch))
     sched, stream = warmup(opt, 0), BatchStream(_encoded(task, kw["vocab_size"], batch, seq), batch, 0, 0)
@@ -128,7 +130,7 @@ def plain_step(path: Path, case, steps: int) -> tuple[float, float]:
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         half = torch.bfloat16
     else:
-        model = auto.from_pretrained(str(path), dtype=half or torch.float32).to("cuda")
+        model = auto.from_pretrained(str(path), dtype=half or torch.float32).to(DEVICE)
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", r=8,
@@ -138,11 +140,11 @@ def plain_step(path: Path, case, steps: int) -> tuple[float, float]:
             p.data = p.data.float()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(5, kw["vocab_size"], (batch, seq), device="cuda")
-    labels = torch.randint(0, 20, (batch,), device="cuda") if task == "classify" else ids
+    ids = torch.randint(5, kw["vocab_size"], (batch, seq), device=DEVICE)
+    labels = torch.randint(0, 20, (batch,), device=DEVICE) if task == "classify" else ids
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=half, enabled=half is not None):
+        with torch.autocast(DEVICE, dtype=half, enabled=half is not None):
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -131,11 +131,12 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
 
     device = resolve(cfg.device)
     base = _placed_base(cfg, num_labels, device)
-    half = torch.bfloat16 if cfg.base_quant != "none" else autocast_dtype(device, cfg.base_dtype, cfg.cpu_autocast)
+    quantized = cfg.base_quant != "none"  # bitsandbytes computes in bf16 (fedtune/quant.py)
+    where = Placement(device, torch.bfloat16 if quantized else autocast_dtype(device, cfg.base_dtype, cfg.cpu_autocast))
     if cfg.adapter != "lora":  # other adapter types: fedtune.adapter_types (sparse: fedtune.sparse)
         from fedtune.adapter_types import ADAPTERS
 
-        return place(_fp32_trainable(ADAPTERS.get(cfg.adapter)(base, cfg, seed)), Placement(device, half))
+        return place(_fp32_trainable(ADAPTERS.get(cfg.adapter)(base, cfg, seed)), where)
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     if cfg.lora_layers and not num_layers:
         raise ModelError(f"lora-layers needs a model with num_hidden_layers in its config; {cfg.model!r} has none")
@@ -145,7 +146,7 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
             model = get_peft_model(base, lora_config(cfg, num_layers))
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
-    return place(_fp32_trainable(model), Placement(device, half))
+    return place(_fp32_trainable(model), where)
 
 
 def _fp32_trainable(model: nn.Module) -> nn.Module:

@@ -99,7 +99,7 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: Batc
     """``steps`` optimizer steps; returns the per-step losses."""
     model.train()  # also what makes transformers apply gradient checkpointing
     where = placement_of(model)
-    losses = []
+    losses: list[Tensor] = []
     for _ in range(steps):
         batch = to_device(batches.next(), where.device)
         with where.compute():  # autocast of the frozen base, if any (fedtune/device.py)
@@ -108,8 +108,8 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: Batc
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())  # read once at the end: no device sync per step
+    return torch.stack(losses).tolist() if losses else []
 
 
 def warmup(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -115,7 +115,7 @@ def test_every_tensor_of_a_client_round_lives_on_the_models_device() -> None:
         state = trainable_state(model)
     assert mode.mixed == [] and state_devices == {"meta"}
     assert {p.device.type for p in model.parameters()} == {"meta"}
-    assert copies == 1  # the head's input features, for the class statistics
+    assert copies == 2  # the round's losses (read once, at its end) and the head's input features (statistics)
     assert mode.to_cpu - copies == len(state) and all(t.device.type == "cpu" for t in state.values())
 
 

@@ -26,8 +26,7 @@ def choose(model: nn.Module, cfg: RunConfig, batches: BatchStream) -> dict:
     w0 = {n: w for n, w in _W0.get(model, {}).items() if n in layers}
     device = placement_of(model).device
     ctx = SelectContext(model, layers, cfg.model.sparse_density, lambda: to_device(batches.next(), device),
-                        cfg.model.sparse_warmup,
-                        cfg.model.sparse_keep, cfg.federation.seed, cfg.train.lr, w0)
+                        cfg.model.sparse_warmup, cfg.model.sparse_keep, cfg.federation.seed, cfg.train.lr, w0)
     return SELECTIONS.get(cfg.model.sparse_selection)(ctx)
 
 
