@@ -88,9 +88,12 @@ def test_bf16_autocast_with_fp32_adapters_on_cuda(tiny_llama_dir) -> None:
     assert placement_of(model).autocast is torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    q = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj.base_layer"))
+    dtypes = []
+    q.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
     with placement_of(model).compute():
         out = model(input_ids=torch.ones(2, 8, dtype=torch.long, device="cuda"))
-    assert out.logits.dtype == torch.bfloat16
+    assert dtypes == [torch.bfloat16] and out.logits.isfinite().all()
     opt = make_optimizer(model, TrainConfig(lr=1e-2))
     losses = run_steps(model, opt, warmup(opt, 0), BatchStream(_lm_batches(), 8, 0, 0), 10)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
