@@ -195,7 +195,11 @@ def assign(cfg, client: int, probe: Callable[[], Hardware] = probe_hardware) -> 
     if spec == AUTO:
         from fedtune.modeling import base_params
 
-        return detect_profile(probe, cfg.federation.client_gpus, lambda: base_params(cfg.model))
+        lora = cfg.model.adapter == "lora"  # a quantized base takes LoRA only
+        found = detect_profile(probe, cfg.federation.client_gpus, lambda: base_params(cfg.model) if lora else 0)
+        if cfg.privacy.dp == "sample" and found.gradient_checkpointing:  # refused together (fedtune/tasks.py)
+            found = replace(found, gradient_checkpointing=False)
+        return found
     items = _parse_assignment(spec, registry(cfg.federation.profile_defs))
     if items[0][1] is None:
         return items[client % len(items)][0]

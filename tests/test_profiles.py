@@ -110,3 +110,14 @@ def test_auto_assignment_uses_the_probe_and_the_real_probe_runs(monkeypatch) -> 
     assert P.probe_hardware() == P.Hardware(1, 4 * 2**30)
     assert P.assign(c, 0).name == "gpu-small"
     assert P.server_model(c).lora_rank == 16  # auto: any profile may join, the server holds the largest
+
+
+def test_auto_on_a_gpu_respects_what_the_run_refuses(monkeypatch) -> None:
+    gpu = lambda: P.Hardware(1, 8 * 2**30)  # noqa: E731 - a gpu-small device: bf16 + checkpointing
+    private = cfg(profiles="auto", dp="sample", **{"noise-multiplier": 1.0})
+    found = P.assign(private, 0, probe=gpu)
+    assert (found.name, found.gradient_checkpointing) == ("gpu-small", False)  # dp=sample refuses checkpointing
+    P.apply(private, found)  # a valid config
+    monkeypatch.setattr("fedtune.modeling.base_params", lambda model: 8_000_000_000)
+    assert P.assign(cfg(profiles="auto"), 0, probe=gpu).base_quant == "nf4"
+    assert P.assign(cfg(profiles="auto", adapter="sparse"), 0, probe=gpu).base_quant is None
