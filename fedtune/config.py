@@ -122,6 +122,9 @@ class TrainConfig:
         _require(self.head_logit_scale > 0, "head-logit-scale", self.head_logit_scale, "must be > 0")
 
 
+WEIGHT_BOUNDS = ("clip", "reject")  # what the validate screen does with an example count above its bound
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     strategy: str = "fedavg"
@@ -151,6 +154,10 @@ class FederationConfig:
     robust: str = "none"
     robust_norm_bound: float = 1.0  # norm-bound: each update's L2 norm is clipped to this
     trim_fraction: float = 0.1  # trimmed-mean: share of the largest and of the smallest values dropped per coordinate
+    # lying clients (docs/robustness.md): a stated example count above this many times the cohort's median (and,
+    # in simulation, above the client's partition size) is clipped to the bound or the reply rejected
+    max_weight_ratio: float = 10.0
+    weight_bound: str = "clip"  # clip | reject
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles
@@ -169,6 +176,10 @@ class FederationConfig:
         _require(self.robust_norm_bound > 0 and math.isfinite(self.robust_norm_bound), "robust-norm-bound",
                  self.robust_norm_bound, "must be > 0")
         _require(0.0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _require(self.max_weight_ratio > 1, "max-weight-ratio", self.max_weight_ratio,
+                 "must be > 1 (inf: no cohort bound)")
+        _require(self.weight_bound in WEIGHT_BOUNDS, "weight-bound", self.weight_bound,
+                 f"must be one of {', '.join(WEIGHT_BOUNDS)}")
         check_profiles(self.profiles, self.profile_defs)
         from fedtune.strategies.robust import check_robust
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from safetensors.torch import save_file
@@ -49,21 +49,26 @@ def print_progress(row: dict[str, Any]) -> None:
         line += "  (global model kept)"
     if row.get("rejected"):
         line += f"  ({len(row['rejected'])} rejected: " + "; ".join(r["reason"] for r in row["rejected"]) + ")"
+    if row.get("adjusted"):
+        line += f"  ({len(row['adjusted'])} adjusted: " + "; ".join(r["reason"] for r in row["adjusted"]) + ")"
     print(line, file=sys.stderr, flush=True)
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+    grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False,
+    weight_caps: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The whole federated run; returns the summary it also writes to the run directory.
-    After every round a checkpoint goes to ``run/checkpoint``; ``resume`` continues from it."""
+    After every round a checkpoint goes to ``run/checkpoint``; ``resume`` continues from it.
+    ``weight_caps``: each client's training examples where the server knows them (simulation):
+    no reply may state more (fedtune.server.validate)."""
     ds = load_dataset(cfg.data)
     shared = shared_model(server_model(cfg), ds.num_labels, seed=cfg.federation.seed)  # profiles: the largest rank
     model = shared.reset()
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = task_of(cfg).evaluator(cfg, run.path)  # classify: TestEvaluator; causal-lm: perplexity + generations
-    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg),
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg, weight_caps),
                        min_replies=min(cfg.federation.min_train_nodes, cfg.partition.num_clients))
     rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
@@ -98,6 +103,7 @@ def run_federation(
             "clients": stats.replied if stats else 0,
             "failures": stats.failures if stats else [],
             "rejected": stats.rejected if stats else [],
+            "adjusted": stats.adjusted if stats else [],  # replies kept but changed (a clipped weight)
             "missing": stats.missing if stats else [],  # sampled clients whose good reply never came
             "aggregated": stats.aggregated if stats else server_round == 0,
         }
@@ -164,12 +170,13 @@ def run_federation(
 
 
 def make_server_app(
-    cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+    cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False,
+    weight_caps: Sequence[int] | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run, progress, resume)
+        run_federation(grid, cfg, run, progress, resume, weight_caps)
 
     return app
