@@ -213,6 +213,8 @@ class PrivacyConfig:
     target_clipped_quantile: float = 0.5  # client-adaptive
     clip_norm_lr: float = 0.2  # client-adaptive
     clipped_count_stddev: float = 0.0  # client-adaptive; 0 = Flower's default, sampled clients / 20
+    # empirical privacy audit (Andrew et al., ICLR 2024; docs/privacy.md): K canary clients; 0 = off
+    audit_canaries: int = 0
 
     def __post_init__(self) -> None:
         _require(self.dp in DP_MODES, "dp", self.dp, f"must be one of {', '.join(DP_MODES)}")
@@ -230,6 +232,7 @@ class PrivacyConfig:
                  "must be in [0, 1]")
         _require(self.clip_norm_lr > 0, "clip-norm-lr", self.clip_norm_lr, "must be > 0")
         _require(self.clipped_count_stddev >= 0, "clipped-count-stddev", self.clipped_count_stddev, "must be >= 0")
+        _require(self.audit_canaries >= 0, "audit-canaries", self.audit_canaries, "must be >= 0 (0: no audit)")
 
     @property
     def client_level(self) -> bool:

@@ -19,6 +19,12 @@ Refused (one-line ConfigError):
   (``magnitude``, ``ks``): the mask itself is computed from private data without noise
   (``random`` is allowed: its entries come from the run's seed).
 
+- ``audit-canaries`` (the one-shot empirical audit, :mod:`fedtune.privacy.canaries`) with
+  ``dp=sample`` (a canary *client* measures client-level privacy; DP-SGD's guarantee is per
+  example and per client accountant, see docs/privacy.md), or with a strategy other than
+  ``fedavg``, ``profiles``, or ``adapter=sparse``: a canary's contribution to the aggregate is
+  modelled as one more update in a mean of whole updates of one shape.
+
 Allowed as post-processing (documented in docs/privacy.md): any server strategy with
 ``dp=sample`` (it only sees DP outputs), server-side evaluation, the saved adapter and its
 edge export.
@@ -43,8 +49,26 @@ def num_sampled_clients(cfg: RunConfig) -> int:
     return max(int(n * fed.fraction_train), min(fed.min_train_nodes, n))
 
 
+def check_audit(cfg: RunConfig) -> None:
+    """Where the one-shot canary audit (``audit-canaries``) measures what it claims to."""
+    p = cfg.privacy
+    if not p.audit_canaries:
+        return
+    why = None
+    if p.dp == "sample":
+        why = ("with dp=sample: canary clients measure client-level privacy, DP-SGD's guarantee is per example "
+               "(see docs/privacy.md); use dp=client-fixed|client-adaptive or dp=none")
+    elif cfg.federation.strategy != "fedavg":
+        why = f"with strategy={cfg.federation.strategy!r}: a canary is modelled as one more update in a plain mean"
+    elif cfg.model.adapter != "lora" or getattr(cfg.federation, "profiles", ""):
+        why = "with adapter=sparse or profiles: a canary is modelled as one more whole update of one shape"
+    if why:
+        raise ConfigError(f"bad value audit-canaries={p.audit_canaries} {why}")
+
+
 def check_composition(cfg: RunConfig) -> None:
     p = cfg.privacy
+    check_audit(cfg)
     if p.dp == "none":
         return
     if cfg.train.head_init == "ncm" and p.client_level:

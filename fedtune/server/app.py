@@ -32,6 +32,7 @@ from fedtune.strategies.recipes import recipe_for
 
 _BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS}
 Progress = Callable[[dict[str, Any]], None]
+PRIVACY_KEYS = ("epsilon", "epsilon_audit", "epsilon_audit_low", "epsilon_audit_high")
 
 
 def print_progress(row: dict[str, Any]) -> None:
@@ -163,6 +164,9 @@ def run_federation(
         "adapter": str(adapter_dir),
         "eval_examples": len(evaluator.enc),
     }
+    for key in PRIVACY_KEYS:  # the accountant's epsilon and the audit's estimate, as of the last round
+        if key in rows[-1]:
+            summary[key] = rows[-1][key]
     if "perplexity" in rows[0]:  # causal-lm
         summary.update(initial_perplexity=rows[0]["perplexity"], final_perplexity=rows[-1]["perplexity"])
     run.write_summary(summary)
