@@ -19,7 +19,11 @@ section "privacy-audit" of docs/benchmarks.md.
     .venv/bin/python bench/privacy.py --set model=tiny --set rounds=1 --set train-size=400   # plumbing check
     .venv/bin/python bench/privacy.py --audit [--canaries 500] [--epsilons 1,3,8,inf] [--set key=value ...]
 
-SecAgg+ overhead is not measured: ``secure-aggregation`` is not built (docs/privacy.md says why).
+``--secagg``: instead, SecAgg+ overhead (``secure-aggregation=secagg+``, Flower's SecAgg+): seconds and
+bytes per round against the same run without it (head-init=random in both), as ratios (goals: at most
+1.5x time, 2x bytes); section "privacy-secagg".
+
+    .venv/bin/python bench/privacy.py --secagg [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -121,6 +125,42 @@ def audit(base: dict, epsilons: list[float], canaries: int) -> None:
     print(body)
 
 
+def secagg(base: dict) -> None:
+    """Seconds and bytes per round with and without SecAgg+, same data, clients, rounds and seed."""
+    from fedtune.server.run_dir import RunDir
+    from fedtune.simulations.simulate import simulate
+
+    res = {}
+    for mode in ("none", "secagg+"):
+        cfg = resolve("default", overrides={**base, "head-init": "random", "secure-aggregation": mode})
+        out = tempfile.mkdtemp(prefix="fedtune-secagg-")
+        print(f"== secure-aggregation={mode}", flush=True)
+        summary = simulate(cfg, out)
+        rows = RunDir(out).metrics()[1:]
+        res[mode] = (summary["seconds_per_round"], sum(r["bytes_up"] + r["bytes_down"] for r in rows) / len(rows),
+                     summary["final_accuracy"])
+    (t0, b0, a0), (t1, b1, a1) = res["none"], res["secagg+"]
+    cfg = resolve("default", overrides={**base, "head-init": "random"})
+    fed = cfg.federation
+    body = "\n".join([
+        "## SecAgg+ overhead (`bench/privacy.py --secagg`)",
+        "",
+        f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, {cfg.partition.num_clients} clients, "
+        f"{fed.rounds} rounds, head-init=random, the same seed; `secure-aggregation=secagg+` runs Flower's SecAgg+ "
+        f"(shares {fed.secagg_shares:g}, threshold {fed.secagg_threshold:g}, clipping range "
+        f"{fed.secagg_clipping_range:g}, {fed.secagg_quantization_range} levels). Bytes: everything the "
+        "train and evaluate messages carry both ways (SecAgg+: its four exchanges: keys, shares, masked "
+        "vectors, unmasking shares).",
+        "",
+        common.table(["", "s/round", "bytes/round", "final acc"],
+                     [["plain", f"{t0:.1f}", f"{b0:,.0f}", f"{a0:.3f}"],
+                      ["secagg+", f"{t1:.1f}", f"{b1:,.0f}", f"{a1:.3f}"],
+                      ["ratio", f"**{t1 / t0:.2f}x** (goal <= 1.5x)", f"**{b1 / b0:.2f}x** (goal <= 2x)", ""]]),
+    ])
+    common.write_section("privacy-secagg", body)
+    print(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="500")
@@ -128,12 +168,16 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS.values()))
     ap.add_argument("--audit", action="store_true", help="accountant epsilon vs epsilon_audit (client-level DP)")
     ap.add_argument("--canaries", type=int, default=500)
+    ap.add_argument("--secagg", action="store_true", help="SecAgg+ overhead: time and bytes per round")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     base = {"eval-size": args.eval_size, **parse_set(args.set)}
     epsilons = [float(e) for e in args.epsilons.split(",")]
     if args.audit:
         audit(base, epsilons, args.canaries)
+        return
+    if args.secagg:
+        secagg(base)
         return
     wanted = args.methods.split(",")
 

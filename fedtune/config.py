@@ -158,6 +158,13 @@ class FederationConfig:
     # in simulation, above the client's partition size) is clipped to the bound or the reply rejected
     max_weight_ratio: float = 10.0
     weight_bound: str = "clip"  # clip | reject
+    # secure aggregation on Flower's SecAgg+ (fedtune/server/secagg.py, docs/privacy.md): none | secagg+
+    secure_aggregation: str = "none"
+    secagg_shares: float = 1.0  # shares of each client's keys: <= 1 a share of the sampled clients, > 1 a count
+    secagg_threshold: float = 0.67  # shares needed to reconstruct: < 1 a share of secagg-shares, >= 2 a count
+    secagg_clipping_range: float = 8.0  # values are clipped to [-R, R] before quantization
+    secagg_quantization_range: int = 4194304  # 2**22 quantization levels
+    secagg_max_weight: float = 1000.0  # the largest weight (example count) a client may state; bounded before masking
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles
@@ -180,6 +187,15 @@ class FederationConfig:
                  "must be > 1 (inf: no cohort bound)")
         _require(self.weight_bound in WEIGHT_BOUNDS, "weight-bound", self.weight_bound,
                  f"must be one of {', '.join(WEIGHT_BOUNDS)}")
+        _require(self.secure_aggregation in ("none", "secagg+"), "secure-aggregation", self.secure_aggregation,
+                 "must be none or secagg+")
+        _require(self.secagg_shares > 0, "secagg-shares", self.secagg_shares, "must be > 0")
+        _require(self.secagg_threshold > 0 and not 1 <= self.secagg_threshold < 2, "secagg-threshold",
+                 self.secagg_threshold, "must be a share in (0, 1) or a count >= 2")
+        _require(self.secagg_clipping_range > 0, "secagg-clipping-range", self.secagg_clipping_range, "must be > 0")
+        _require(2 <= self.secagg_quantization_range < 2**32, "secagg-quantization-range",
+                 self.secagg_quantization_range, "must be in [2, 2**32)")
+        _require(self.secagg_max_weight > 0, "secagg-max-weight", self.secagg_max_weight, "must be > 0")
         check_profiles(self.profiles, self.profile_defs)
         from fedtune.strategies.robust import check_robust
 

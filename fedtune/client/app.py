@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import wire
 from fedtune.client.adapter import node_profile, prepare, reply_adapter
+from fedtune.client.secagg import secagg_mod
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
 from fedtune.head_init import class_feature_sums, head_module
@@ -28,7 +29,8 @@ def _setup(msg: Message, context: Context):
     return prepare(msg, context)
 
 
-@app.train(mods=[client_dp_mod])  # clips the update only for dp=client-* with dp-clipping=client
+# secagg_mod (outermost): Flower's SecAgg+ when the server runs it; then client-side DP clipping, before masking
+@app.train(mods=[secagg_mod, client_dp_mod])  # client_dp_mod clips only for dp=client-* with dp-clipping=client
 def train(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
     server_round = int(msg.content[wire.CONFIG]["server-round"])

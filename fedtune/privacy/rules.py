@@ -66,9 +66,48 @@ def check_audit(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value audit-canaries={p.audit_canaries} {why}")
 
 
+SECAGG_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "ffa")  # the server step needs only the weighted sum
+_SECAGG_REFUSED = {  # strategy -> why it needs individual updates
+    "flexlora": "it takes the SVD of each client's product B A",
+    "flora": "it stacks the clients' factors",
+    "fedex": "it needs each client's factors for the residual",
+    "fedsa": "it keeps per-group B matrices from individual replies",
+    "hetlora": "it zero-pads and prunes per client rank",
+}
+
+
+def check_secagg(cfg: RunConfig) -> None:
+    """Where ``secure-aggregation=secagg+`` (Flower's SecAgg+, fedtune.server.secagg) composes:
+    only where the server step needs nothing but the weighted sum of the replies."""
+    fed = cfg.federation
+    if fed.secure_aggregation == "none":
+        return
+    key = f"bad value secure-aggregation={fed.secure_aggregation!r}"
+    why = None
+    if fed.strategy not in SECAGG_STRATEGIES:
+        reason = _SECAGG_REFUSED.get(fed.strategy, "it needs more than the weighted sum of the updates")
+        why = f"with strategy={fed.strategy!r}: {reason}; use one of {', '.join(SECAGG_STRATEGIES)}"
+    elif fed.robust != "none":
+        why = f"with robust={fed.robust!r}: it screens individual updates, which the server no longer sees"
+    elif getattr(fed, "profiles", ""):
+        why = f"with profiles={fed.profiles!r}: clients of several ranks send arrays of different shapes"
+    elif cfg.model.adapter != "lora":
+        why = f"with adapter={cfg.model.adapter!r}: sparse masks and counts are not yet summed securely"
+    elif fed.compression != "none":
+        why = f"with compression={fed.compression!r}: SecAgg+ quantizes the dense update itself"
+    elif cfg.train.head_init == "ncm":
+        why = "with head-init='ncm': each client's class sums would be sent in the clear; set head-init=random"
+    elif cfg.privacy.client_level and cfg.privacy.dp_clipping != "client":
+        why = (f"with dp={cfg.privacy.dp} and dp-clipping=server: the server cannot clip updates it never sees; "
+               "set dp-clipping=client")
+    if why:
+        raise ConfigError(f"{key} {why}")
+
+
 def check_composition(cfg: RunConfig) -> None:
     p = cfg.privacy
     check_audit(cfg)
+    check_secagg(cfg)
     if p.dp == "none":
         return
     if cfg.train.head_init == "ncm" and p.client_level:

@@ -69,8 +69,14 @@ def run_federation(
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = task_of(cfg).evaluator(cfg, run.path)  # classify: TestEvaluator; causal-lm: perplexity + generations
-    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg, weight_caps),
+    secure = cfg.federation.secure_aggregation != "none"  # the server sees only the sum: no per-reply screens
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed,
+                       screens=[] if secure else build_screens(cfg, weight_caps),
                        min_replies=min(cfg.federation.min_train_nodes, cfg.partition.num_clients))
+    if secure:  # Flower's SecAgg+ around the metered strategy (fedtune.server.secagg)
+        from fedtune.server.secagg import secagg_of
+
+        strategy = secagg_of(strategy, cfg)
     rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
     ckpt = load_for_resume(run.path, cfg.federation.rounds) if resume else None

@@ -1,0 +1,85 @@
+"""The client side of ``secure-aggregation=secagg+``: Flower's ``secaggplus_mod``, speaking
+fedtune's records (fedtune.server.secagg is the server side).
+
+``secaggplus_mod`` runs the protocol's stages and, at the "collect masked vectors" stage,
+calls the train handler, reads the reply as a legacy ``FitRes`` (``fitres.parameters``,
+``fitres.num_examples``), scales the parameters by the weight, quantizes, masks, and sends
+only the masked vector (it clears the reply's arrays). ``secagg_mod`` wraps it: the legacy
+``fitins.*`` records the workflow sends are turned into fedtune's ``arrays`` / ``config``
+before the train handler (and the client-side DP clipping mod) sees them, and fedtune's
+reply into ``fitres.*`` after. The stated weight is bounded here, before masking, because
+the server can no longer screen it: at most ``secagg-max-weight`` (the protocol's own
+scale: above it the weighted sum would overflow the quantization range). Messages without
+SecAgg+ records pass straight through.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from fedtune import wire
+
+KEYS = "fedtune-keys"  # the array names, in order (fedtune.server.secagg)
+PROFILE = "fedtune-profile"  # the reply's stated profile (its ADAPTER record), in the clear metrics
+FITINS, FITRES = "fitins", "fitres"
+
+
+def _to_fedtune(msg: Message) -> None:
+    """Replace the legacy fitins records by fedtune's arrays / config in place."""
+    content = msg.content
+    from flwr.compat.common import recorddict_compat as compat
+
+    params = compat.arrayrecord_to_parameters(content.array_records[f"{FITINS}.parameters"], keep_input=True)
+    config = dict(content.config_records[f"{FITINS}.config"])
+    keys = json.loads(str(config.pop(KEYS)))
+    arrays = parameters_to_ndarrays(params)
+    for name in (f"{FITINS}.parameters", f"{FITINS}.config", RECORD_KEY_CONFIGS):
+        if name in content:
+            del content[name]
+    from flwr.app import Array
+
+    content[wire.ARRAYS] = ArrayRecord({k: Array(a) for k, a in zip(keys, arrays)})
+    content[wire.CONFIG] = ConfigRecord(config)
+
+
+def _to_fitres(out: Message, max_weight: float) -> Message:
+    """fedtune's reply as the legacy fitres records secaggplus_mod reads; the weight bounded.
+    The reply's array names (sorted: every client of the run sends the same) and its profile
+    travel in the clear metrics, as the weight does in Flower's protocol."""
+    content = out.content
+    record = content[wire.ARRAYS]
+    metrics = content[wire.METRICS]
+    weight = min(float(metrics[wire.WEIGHT]), max_weight)
+    from flwr.compat.common import recorddict_compat as compat
+
+    keys = sorted(record.keys())
+    params: Parameters = ndarrays_to_parameters([record[k].numpy() for k in keys])
+    content[f"{FITRES}.parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
+    content[f"{FITRES}.num_examples"] = MetricRecord({"num_examples": int(weight)})
+    clear = {k: v for k, v in metrics.items() if k != wire.WEIGHT}
+    clear[KEYS] = json.dumps(keys)
+    if wire.ADAPTER in content:
+        clear[PROFILE] = str(content[wire.ADAPTER][wire.PROFILE])
+    content[f"{FITRES}.metrics"] = ConfigRecord(clear)
+    content[f"{FITRES}.status"] = ConfigRecord({"code": 0, "message": "Success"})
+    del content[wire.ARRAYS]  # the individual update never leaves unmasked
+    return out
+
+
+def secagg_mod(msg: Message, context: Context, call_next):  # a Flower Mod, outermost on the train handler
+    """Flower's SecAgg+ client mod around fedtune's train handler (see the module docstring)."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    def train(m: Message, ctx: Context) -> Message:
+        _to_fedtune(m)
+        flat = json.loads(str(m.content[wire.CONFIG][wire.RUN_CONFIG]))
+        max_weight = float(flat.get("secagg-max-weight", 1000.0))
+        return _to_fitres(call_next(m, ctx), max_weight)
+
+    return secaggplus_mod(msg, context, train)
