@@ -163,3 +163,46 @@ def test_a_client_killed_mid_protocol_is_tolerated_down_to_the_threshold(tmp_pat
         assert not rows[r]["aggregated"] and "secure aggregation halted" in rows[r]["note"], rows[r]
     assert rec.seen == {} or all(not v for v in rec.seen.values())  # the strategy never saw a reply
     assert math.isclose(rows[2]["accuracy"], rows[0]["accuracy"])  # the global model kept: the initial one
+
+
+@pytest.mark.slow
+def test_client_level_dp_noises_the_secure_sum(tmp_path):
+    """dp=client-fixed with dp-clipping=client: the clients clip before masking, Flower's wrapper noises the
+    secure average, and the accountant counts the round (q = 1, z = 0.7)."""
+    from opacus.accountants import RDPAccountant
+
+    _, rows, _ = _run(tmp_path, "dp", {"secure-aggregation": "secagg+", "dp": "client-fixed", "dp-clipping": "client",
+                                       "noise-multiplier": 0.7, "clip-norm": 0.5})
+    ref = RDPAccountant()
+    ref.history = [(0.7, 1.0, 1)]
+    assert rows[1]["aggregated"] and rows[1]["released"] == 1 and rows[1]["clients"] == 3
+    assert abs(rows[1]["epsilon"] - ref.get_epsilon(delta=1e-5)) < 1e-6
+
+
+def test_the_client_bounds_its_weight_and_sends_no_array_before_masking():
+    """fedtune's reply -> the legacy fitres records secaggplus_mod reads: a stated 1e9 examples becomes
+    secagg-max-weight (1000) before masking; the named arrays leave the reply (only the masked vector goes)."""
+    import json
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune import wire
+    from fedtune.client.secagg import KEYS, PROFILE, _to_fitres
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        to = Message(RecordDict(), dst_node_id=5, message_type="train")
+        content = RecordDict({wire.ARRAYS: ArrayRecord({"b": Array(np.ones(2, np.float32)),
+                                                        "a": Array(np.zeros(3, np.float32))}),
+                              wire.METRICS: MetricRecord({wire.WEIGHT: 1e9, wire.CLIENT_ID: 2, "train_loss": 0.5}),
+                              wire.ADAPTER: ConfigRecord({wire.PROFILE: "default"})})
+        out = _to_fitres(Message(content, reply_to=to), max_weight=1000.0).content
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    assert wire.ARRAYS not in out and out["fitres.num_examples"]["num_examples"] == 1000
+    clear = out["fitres.metrics"]
+    assert json.loads(clear[KEYS]) == ["a", "b"] and clear[PROFILE] == "default" and wire.WEIGHT not in clear
+    assert len(out["fitres.parameters"]) == 2
