@@ -25,6 +25,11 @@ Refused (one-line ConfigError):
   ``fedavg``, ``profiles``, or ``adapter=sparse``: a canary's contribution to the aggregate is
   modelled as one more update in a mean of whole updates of one shape.
 
+- ``secure-aggregation=secagg+`` (Flower's SecAgg+, :mod:`fedtune.server.secagg`) wherever the
+  server step needs more than the weighted sum of the replies (``check_secagg``: flexlora,
+  flora, fedex, fedsa, hetlora; robust aggregation; profiles; sparse adapters, not yet; any
+  compression; the FedNCM head; client-level DP with server-side clipping).
+
 Allowed as post-processing (documented in docs/privacy.md): any server strategy with
 ``dp=sample`` (it only sees DP outputs), server-side evaluation, the saved adapter and its
 edge export.
