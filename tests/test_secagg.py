@@ -179,6 +179,16 @@ def test_client_level_dp_noises_the_secure_sum(tmp_path):
     assert abs(rows[1]["epsilon"] - ref.get_epsilon(delta=1e-5)) < 1e-6
 
 
+def test_under_client_level_dp_every_client_weighs_one():
+    """The noise is calibrated to a uniform mean of clipped updates: the secure sum must not be
+    example-weighted, so clients state 1 and the protocol's weight scale is 1."""
+    from fedtune.server.secagg import secagg_of
+
+    cfg = build_config({**SECURE, "dp": "client-fixed", "noise-multiplier": 1, "dp-clipping": "client"})
+    assert secagg_of(object(), cfg).workflow_args["max_weight"] == 1.0
+    assert secagg_of(object(), build_config(SECURE)).workflow_args["max_weight"] == 1000.0
+
+
 def test_the_client_bounds_its_weight_and_sends_no_array_before_masking():
     """fedtune's reply -> the legacy fitres records secaggplus_mod reads: a stated 1e9 examples becomes
     secagg-max-weight (1000) before masking; the named arrays leave the reply (only the masked vector goes)."""
@@ -200,6 +210,10 @@ def test_the_client_bounds_its_weight_and_sends_no_array_before_masking():
                               wire.METRICS: MetricRecord({wire.WEIGHT: 1e9, wire.CLIENT_ID: 2, "train_loss": 0.5}),
                               wire.ADAPTER: ConfigRecord({wire.PROFILE: "default"})})
         out = _to_fitres(Message(content, reply_to=to), max_weight=1000.0).content
+        dp = RecordDict({wire.ARRAYS: ArrayRecord({"a": Array(np.zeros(3, np.float32))}),
+                         wire.METRICS: MetricRecord({wire.WEIGHT: 90, wire.CLIENT_ID: 2})})
+        assert _to_fitres(Message(dp, reply_to=to), 1.0, uniform=True).content["fitres.num_examples"][
+            "num_examples"] == 1  # client-level DP: a uniform mean
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
     assert wire.ARRAYS not in out and out["fitres.num_examples"]["num_examples"] == 1000

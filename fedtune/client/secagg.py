@@ -9,8 +9,10 @@ only the masked vector (it clears the reply's arrays). ``secagg_mod`` wraps it: 
 before the train handler (and the client-side DP clipping mod) sees them, and fedtune's
 reply into ``fitres.*`` after. The stated weight is bounded here, before masking, because
 the server can no longer screen it: at most ``secagg-max-weight`` (the protocol's own
-scale: above it the weighted sum would overflow the quantization range). Messages without
-SecAgg+ records pass straight through.
+scale: above it the weighted sum would overflow the quantization range). Under client-level
+DP every client states 1: the noise is calibrated to a *uniform* mean of clipped updates, and
+the server can no longer reweight (the run's max weight is then 1, see fedtune.server.secagg).
+Messages without SecAgg+ records pass straight through.
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ def _to_fedtune(msg: Message) -> None:
     content[wire.CONFIG] = ConfigRecord(config)
 
 
-def _to_fitres(out: Message, max_weight: float) -> Message:
-    """fedtune's reply as the legacy fitres records secaggplus_mod reads; the weight bounded.
+def _to_fitres(out: Message, max_weight: float, uniform: bool = False) -> Message:
+    """fedtune's reply as the legacy fitres records secaggplus_mod reads; the weight bounded
+    (``uniform``: client-level DP, every client weighs 1, as ``UniformWeights`` does without SecAgg+).
     The reply's array names (sorted: every client of the run sends the same) and its profile
     travel in the clear metrics, as the weight does in Flower's protocol."""
     content = out.content
     record = content[wire.ARRAYS]
     metrics = content[wire.METRICS]
-    weight = min(float(metrics[wire.WEIGHT]), max_weight)
+    weight = 1.0 if uniform else min(float(metrics[wire.WEIGHT]), max_weight)
     from flwr.compat.common import recorddict_compat as compat
 
     keys = sorted(record.keys())
@@ -79,7 +82,8 @@ def secagg_mod(msg: Message, context: Context, call_next):  # a Flower Mod, oute
     def train(m: Message, ctx: Context) -> Message:
         _to_fedtune(m)
         flat = json.loads(str(m.content[wire.CONFIG][wire.RUN_CONFIG]))
-        max_weight = float(flat.get("secagg-max-weight", 1000.0))
-        return _to_fitres(call_next(m, ctx), max_weight)
+        if flat.get("dp") in ("client-fixed", "client-adaptive"):  # the noise is calibrated to a uniform mean
+            return _to_fitres(call_next(m, ctx), 1.0, uniform=True)
+        return _to_fitres(call_next(m, ctx), float(flat.get("secagg-max-weight", 1000.0)))
 
     return secaggplus_mod(msg, context, train)

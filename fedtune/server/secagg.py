@@ -225,6 +225,9 @@ def secagg_of(strategy: Strategy, cfg: Any) -> SecAggPlus:
     fed = cfg.federation
     shares = fed.secagg_shares if fed.secagg_shares <= 1 else int(fed.secagg_shares)
     threshold = fed.secagg_threshold if fed.secagg_threshold < 1 else int(fed.secagg_threshold)
+    # client-level DP: every client states weight 1 (a uniform mean, as the noise assumes), so the
+    # protocol's weight scale is 1 and no quantization resolution is spent on it
+    max_weight = 1.0 if cfg.privacy.client_level else fed.secagg_max_weight
     return SecAggPlus(strategy, shares=shares, threshold=threshold, clipping_range=fed.secagg_clipping_range,
-                      quantization_range=fed.secagg_quantization_range, max_weight=fed.secagg_max_weight,
+                      quantization_range=fed.secagg_quantization_range, max_weight=max_weight,
                       timeout=fed.round_timeout)
