@@ -29,7 +29,7 @@ SECURE = {"secure-aggregation": "secagg+", "head-init": "random"}
     ({"compression": "int8"}, "compression='int8'"),
     ({"head-init": "ncm"}, "head-init='ncm'"),
     ({"dp": "client-fixed", "noise-multiplier": 1}, "dp-clipping=server"),
-    ({"adapter": "sparse"}, "adapter='sparse'"),
+    ({"adapter": "sparse", "strategy": "fedavgm"}, "adapter='sparse' and strategy='fedavgm'"),
 ])
 def test_refused_combinations_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -39,7 +39,7 @@ def test_refused_combinations_are_one_line_config_errors(overrides, needle):
 
 
 def test_allowed_combinations_build():
-    for extra in ({}, {"strategy": "fedavgm"}, {"strategy": "fedadam"}, {"strategy": "ffa"},
+    for extra in ({}, {"strategy": "fedavgm"}, {"strategy": "fedadam"}, {"strategy": "ffa"}, {"adapter": "sparse"},
                   {"dp": "client-fixed", "noise-multiplier": 1, "dp-clipping": "client"}):
         assert build_config({**SECURE, **extra}).federation.secure_aggregation == "secagg+"
     with pytest.raises(ConfigError, match="secagg-threshold"):
@@ -220,3 +220,35 @@ def test_the_client_bounds_its_weight_and_sends_no_array_before_masking():
     clear = out["fitres.metrics"]
     assert json.loads(clear[KEYS]) == ["a", "b"] and clear[PROFILE] == "default" and wire.WEIGHT not in clear
     assert len(out["fitres.parameters"]) == 2
+
+
+@pytest.mark.slow
+def test_sparse_adapters_get_the_mask_aware_mean_through_the_secure_sum(tmp_path, monkeypatch):
+    """adapter=sparse: each client sends its masked delta and its 0/1 mask as dense tensors; the secure
+    averages D = sum w m d / sum w and M = sum w m / sum w give the mask-aware mean sent + D / M. Against
+    the plain run's mask-aware mean: the same trained entries (sparse_union), values within the
+    quantization bound divided by the smallest M (one client's weight share), and no individual update
+    reaches the strategy."""
+    from fedtune.data import train_sizes
+    from fedtune.strategies.sparse.strategy import SparseFedAvg
+
+    rec = Recorder(monkeypatch, SparseFedAvg)
+    sparse = {"adapter": "sparse", "sparse-selection": "random"}
+    cfg, plain_rows, plain = _run(tmp_path, "plain", sparse)
+    individual = rec.seen.pop(1)
+    _, rows, secure = _run(tmp_path, "secure", {**sparse, "secure-aggregation": "secagg+"})
+    assert rows[1]["aggregated"] and rows[1]["clients"] == 3
+    assert rows[1]["sparse_union"] == plain_rows[1]["sparse_union"] > 0
+    received = rec.seen[1]
+    assert len(received) == 3 and all(all(torch.equal(r[k], received[0][k]) for k in r) for r in received)
+    assert all(any(not torch.allclose(r[k], own[k], atol=1e-4) for k in r) for r in received for own in individual)
+    weights = list(train_sizes(cfg.data, cfg.partition, cfg.federation.seed))
+    fed = cfg.federation
+    base = quantization_error(weights, clipping_range=fed.secagg_clipping_range,
+                              quantization_range=fed.secagg_quantization_range, max_weight=fed.secagg_max_weight,
+                              max_abs=max(float(t.abs().max()) for own in individual for t in own.values()))
+    share = min(weights) / sum(weights)  # the smallest M of a trained entry
+    bound = 2 * base / (share - base)  # |D^/M^ - D/M| <= (e_D + |D/M| e_M) / (M - e_M), |D/M| <= 1 here
+    assert plain.keys() == secure.keys()
+    worst = max(float((plain[k].double() - secure[k].double()).abs().max()) for k in plain)
+    assert worst <= bound, (worst, bound)

@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedtune import wire
 
 KEYS = "fedtune-keys"  # the array names, in order (fedtune.server.secagg)
+MASK = "secagg-mask/"  # + a sparse layer's key: its 0/1 mask, summed securely beside the masked delta
 PROFILE = "fedtune-profile"  # the reply's stated profile (its ADAPTER record), in the clear metrics
 FITINS, FITRES = "fitins", "fitres"
 
@@ -73,6 +74,37 @@ def _to_fitres(out: Message, max_weight: float, uniform: bool = False) -> Messag
     return out
 
 
+def _dense_sparse(out: Message, received: dict, flat: dict) -> Message:
+    """A sparse adapter's reply (its trained entries, fedtune.compression.sparse_wire) as dense
+    tensors the protocol can sum: per sparse layer, the delta on the client's entries (zero
+    elsewhere) and, under ``MASK + key``, the 0/1 mask. The server's secure averages of the two
+    give the mask-aware mean: sum w m d / sum w m (fedtune.server.secagg)."""
+    import torch
+
+    from fedtune.compression.client import params
+    from fedtune.compression.downlink import densify
+    from fedtune.compression.screen import seeded_masks
+    from fedtune.compression.sparse_wire import decode_update
+    from fedtune.config import RunConfig
+
+    cfg = RunConfig.from_json(json.dumps(flat))
+    ref = densify(received)
+    keys = {k for k in ref if k.startswith(wire.BASE)}
+    state, masks = decode_update(wire.from_record(out.content[wire.ARRAYS]), ref, keys, cfg.federation.compression,
+                                 params(cfg), seeded_masks(cfg, out))
+    arrays = {}
+    for k, t in state.items():
+        if k in masks:
+            mask = torch.zeros(t.numel(), dtype=torch.float32)
+            mask[masks[k]] = 1.0
+            arrays[k] = ((t.float() - ref[k].float()).flatten() * mask).reshape(t.shape)
+            arrays[MASK + k] = mask.reshape(t.shape)
+        else:
+            arrays[k] = t
+    out.content[wire.ARRAYS] = wire.to_record(arrays)
+    return out
+
+
 def secagg_mod(msg: Message, context: Context, call_next):  # a Flower Mod, outermost on the train handler
     """Flower's SecAgg+ client mod around fedtune's train handler (see the module docstring)."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
@@ -82,6 +114,10 @@ def secagg_mod(msg: Message, context: Context, call_next):  # a Flower Mod, oute
     def train(m: Message, ctx: Context) -> Message:
         _to_fedtune(m)
         flat = json.loads(str(m.content[wire.CONFIG][wire.RUN_CONFIG]))
+        if flat.get("adapter") == "sparse":  # indices cannot be summed: a dense masked delta and its mask
+            received = wire.from_record(m.content[wire.ARRAYS])
+            return _to_fitres(_dense_sparse(call_next(m, ctx), received, flat),
+                              float(flat.get("secagg-max-weight", 1000.0)))
         if flat.get("dp") in ("client-fixed", "client-adaptive"):  # the noise is calibrated to a uniform mean
             return _to_fitres(call_next(m, ctx), 1.0, uniform=True)
         return _to_fitres(call_next(m, ctx), float(flat.get("secagg-max-weight", 1000.0)))

@@ -27,7 +27,7 @@ Refused (one-line ConfigError):
 
 - ``secure-aggregation=secagg+`` (Flower's SecAgg+, :mod:`fedtune.server.secagg`) wherever the
   server step needs more than the weighted sum of the replies (``check_secagg``: flexlora,
-  flora, fedex, fedsa, hetlora; robust aggregation; profiles; sparse adapters, not yet; any
+  flora, fedex, fedsa, hetlora; robust aggregation; profiles; sparse adapters with a strategy other than fedavg; any
   compression; the FedNCM head; client-level DP with server-side clipping).
 
 Allowed as post-processing (documented in docs/privacy.md): any server strategy with
@@ -96,8 +96,8 @@ def check_secagg(cfg: RunConfig) -> None:
         why = f"with robust={fed.robust!r}: it screens individual updates, which the server no longer sees"
     elif getattr(fed, "profiles", ""):
         why = f"with profiles={fed.profiles!r}: clients of several ranks send arrays of different shapes"
-    elif cfg.model.adapter != "lora":
-        why = f"with adapter={cfg.model.adapter!r}: sparse masks and counts are not yet summed securely"
+    elif cfg.model.adapter == "sparse" and fed.strategy != "fedavg":
+        why = f"with adapter='sparse' and strategy={fed.strategy!r}: sparse adapters aggregate with fedavg"
     elif fed.compression != "none":
         why = f"with compression={fed.compression!r}: SecAgg+ quantizes the dense update itself"
     elif cfg.train.head_init == "ncm":

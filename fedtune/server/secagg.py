@@ -186,18 +186,42 @@ class SecAggPlus(Strategy):
         if len(bridge.average) != len(bridge.keys) or not all(np.isfinite(a).all() for a in bridge.average):
             bridge.average = None  # the screens that still apply: shapes and a finite sum
             return []
-        dtypes = {k: self._arrays[k].numpy().dtype for k in bridge.keys}  # type: ignore[index]
-        average = ArrayRecord({k: Array(np.asarray(a, dtype=dtypes[k])) for k, a in zip(bridge.keys, bridge.average)})
+        avg = dict(zip(bridge.keys, bridge.average))
+        masks = self._sparse(avg)  # sparse layers: the mask-aware mean from the averaged deltas and masks
+        dtypes = {k: self._arrays[k].numpy().dtype for k in avg}  # type: ignore[index]
+        average = ArrayRecord({k: Array(np.asarray(a, dtype=dtypes[k])) for k, a in avg.items()})
         by_node = {m.metadata.dst_node_id: m for m in self._messages}
         out = []
         for node, weight, metrics in bridge.stated:
             met = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             met[wire.WEIGHT] = weight
             content = RecordDict({wire.ARRAYS: ArrayRecord(dict(average.items())), wire.METRICS: MetricRecord(met)})
+            if masks:
+                from fedtune.compression.screen import MASKS
+
+                content[MASKS] = wire.to_record(masks)
             if PROFILE in metrics:
                 content[wire.ADAPTER] = ConfigRecord({wire.PROFILE: str(metrics[PROFILE])})
             out.append(Message(content=content, reply_to=by_node[node]))
         return out
+
+    def _sparse(self, avg: dict[str, np.ndarray]) -> dict:
+        """Sparse layers (in place): from the secure averages of the masked deltas D = sum w m d / sum w and
+        of the masks M = sum w m / sum w, the mask-aware mean sent + D / M where some client trained an
+        entry (M > 0: an untrained entry sums exact zeros), the sent value elsewhere; returns {key: the
+        trained entries' flat indices} for the strategy's mask-aware mean (fedtune.strategies.sparse)."""
+        import torch
+
+        from fedtune.client.secagg import MASK
+
+        masks = {}
+        for name in [k for k in avg if k.startswith(MASK)]:
+            key, share = name[len(MASK):], avg.pop(name)
+            sent = self._arrays[key].numpy().astype(np.float64)  # type: ignore[index]
+            trained = share > 0
+            avg[key] = np.where(trained, sent + avg[key] / np.where(trained, share, 1.0), sent)
+            masks[key] = torch.from_numpy(np.flatnonzero(trained).astype(np.int64))
+        return masks
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
