@@ -64,7 +64,8 @@ def _to_fitres(out: Message, max_weight: float, uniform: bool = False) -> Messag
     params: Parameters = ndarrays_to_parameters([record[k].numpy() for k in keys])
     content[f"{FITRES}.parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
     content[f"{FITRES}.num_examples"] = MetricRecord({"num_examples": int(weight)})
-    clear = {k: v for k, v in metrics.items() if k != wire.WEIGHT}
+    # Flower's FitRes metrics take scalars only
+    clear = {k: v for k, v in metrics.items() if k != wire.WEIGHT and isinstance(v, (int, float, str, bytes, bool))}
     clear[KEYS] = json.dumps(keys)
     if wire.ADAPTER in content:
         clear[PROFILE] = str(content[wire.ADAPTER][wire.PROFILE])

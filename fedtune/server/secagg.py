@@ -136,7 +136,12 @@ class SecAggPlus(Strategy):
         self.workflow_args = dict(num_shares=shares, reconstruction_threshold=threshold, max_weight=max_weight,
                                   clipping_range=clipping_range, quantization_range=quantization_range,
                                   timeout=timeout)
-        SecAggPlusWorkflow(**self.workflow_args)  # Flower's own argument checks, at build time
+        try:
+            SecAggPlusWorkflow(**self.workflow_args)  # Flower's own argument checks, at build time
+        except ValueError as err:
+            from fedtune.errors import ConfigError
+
+            raise ConfigError(f"bad value secure-aggregation='secagg+': {err}") from None
         self._messages: list[Message] = []
         self._grid: Grid | None = None
         self._arrays: ArrayRecord | None = None

@@ -52,6 +52,10 @@ def preflight(cfg: RunConfig) -> None:
     from fedtune.strategies import build_strategy  # robust aggregation: what the strategy refuses
 
     build_strategy(cfg)
+    if cfg.federation.secure_aggregation != "none":  # Flower's SecAgg+ argument checks
+        from fedtune.server.secagg import secagg_of
+
+        secagg_of(object(), cfg)
 
 
 def with_client_state_dir(cfg: RunConfig, out: str | Path) -> RunConfig:
