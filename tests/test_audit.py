@@ -204,3 +204,16 @@ def test_audit_through_flower_reports_epsilon_audit_beside_epsilon(tmp_path):
     assert last["epsilon_audit"] <= last["epsilon"] <= 8.0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epsilon"] == last["epsilon"] and summary["epsilon_audit"] == last["epsilon_audit"]
+
+
+def test_the_audit_state_is_checkpointed_and_restored(task_identity):
+    """A resumed run audits the whole run: the canaries' vector and the initial arrays survive a checkpoint."""
+    from fedtune.server.strategy_state import restore_strategy, strategy_state
+
+    _, _, strategy = _federate({"rounds": 2})
+    tensors, meta = strategy_state(strategy)
+    fresh = build_strategy(build_config({**FED, "rounds": 2}))
+    assert fresh.canary_state is None
+    restore_strategy(fresh, tensors, meta)
+    for k in ("initial", "inserted"):
+        assert np.array_equal(fresh.canary_state[k], strategy.canary_state[k])
