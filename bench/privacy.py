@@ -10,8 +10,20 @@ trains only B and the head, so DP-SGD noises fewer coordinates. Step time: one c
 model and data, in this process, after one warm-up run each.
 Writes a table to docs/benchmarks.md (section "privacy") and docs/bench-privacy.png.
 
+``--audit``: instead, the accountant's epsilon against the one-shot empirical estimate
+``epsilon_audit`` (Andrew et al., ICLR 2024; ``audit-canaries``, docs/privacy.md) for
+client-level DP (``dp=client-fixed``, head-init=random) at each epsilon, and without DP at inf;
+section "privacy-audit" of docs/benchmarks.md.
+
     .venv/bin/python bench/privacy.py [--eval-size 500] [--epsilons 1,3,8,inf] [--set key=value ...]
     .venv/bin/python bench/privacy.py --set model=tiny --set rounds=1 --set train-size=400   # plumbing check
+    .venv/bin/python bench/privacy.py --audit [--canaries 500] [--epsilons 1,3,8,inf] [--set key=value ...]
+
+``--secagg``: instead, SecAgg+ overhead (``secure-aggregation=secagg+``, Flower's SecAgg+): seconds and
+bytes per round against the same run without it (head-init=random in both), as ratios (goals: at most
+1.5x time, 2x bytes); section "privacy-secagg".
+
+    .venv/bin/python bench/privacy.py --secagg [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -77,15 +89,96 @@ def step_times(cfg, steps: int = 8) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def audit(base: dict, epsilons: list[float], canaries: int) -> None:
+    """The accountant's epsilon against epsilon_audit, client-level DP at each epsilon (inf: no DP)."""
+    from fedtune.simulations.simulate import simulate
+
+    rows = []
+    for eps in epsilons:
+        dp = {} if math.isinf(eps) else {"dp": "client-fixed", "target-epsilon": str(eps)}
+        cfg = resolve("default", overrides={**base, "head-init": "random", "audit-canaries": str(canaries), **dp})
+        out = tempfile.mkdtemp(prefix="fedtune-audit-")
+        print(f"== audit, epsilon {eps:g}", flush=True)
+        summary = simulate(cfg, out)
+        acc = summary.get("epsilon", math.inf)
+        rows.append(["inf (no DP)" if math.isinf(eps) else f"{eps:g}", f"{acc:.3g}" if math.isfinite(acc) else "-",
+                     f"{summary['epsilon_audit']:.3g} [{summary['epsilon_audit_low']:.3g}, "
+                     f"{summary['epsilon_audit_high']:.3g}]",
+                     "yes" if not math.isfinite(acc) or summary["epsilon_audit"] <= acc else "**NO**",
+                     f"{summary['final_accuracy']:.3f}"])
+    cfg = resolve("default", overrides={**base, "head-init": "random"})
+    fed = cfg.federation
+    body = "\n".join([
+        "## Accountant epsilon against the empirical audit (`bench/privacy.py --audit`)",
+        "",
+        f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, {cfg.partition.num_clients} "
+        f"{cfg.partition.partition} clients, {fed.rounds} rounds, `dp=client-fixed` (clip-norm "
+        f"{cfg.privacy.clip_norm}, delta {cfg.privacy.delta}, {cfg.privacy.accountant} accountant, head-init=random), "
+        f"{canaries} canary clients and as many never-inserted directions (`audit-canaries`, Andrew et al., "
+        "ICLR 2024). `epsilon_audit` estimates what the final model alone reveals; the accountant bounds every "
+        "round's model, so the audit must stay at or below it (docs/privacy.md).",
+        "",
+        common.table(["target epsilon", "accountant epsilon", "epsilon_audit [95% CI]", "audit <= accountant",
+                      "final acc"], rows),
+    ])
+    common.write_section("privacy-audit", body)
+    print(body)
+
+
+def secagg(base: dict) -> None:
+    """Seconds and bytes per round with and without SecAgg+, same data, clients, rounds and seed."""
+    from fedtune.server.run_dir import RunDir
+    from fedtune.simulations.simulate import simulate
+
+    res = {}
+    for mode in ("none", "secagg+"):
+        cfg = resolve("default", overrides={**base, "head-init": "random", "secure-aggregation": mode})
+        out = tempfile.mkdtemp(prefix="fedtune-secagg-")
+        print(f"== secure-aggregation={mode}", flush=True)
+        summary = simulate(cfg, out)
+        rows = RunDir(out).metrics()[1:]
+        res[mode] = (summary["seconds_per_round"], sum(r["bytes_up"] + r["bytes_down"] for r in rows) / len(rows),
+                     summary["final_accuracy"])
+    (t0, b0, a0), (t1, b1, a1) = res["none"], res["secagg+"]
+    cfg = resolve("default", overrides={**base, "head-init": "random"})
+    fed = cfg.federation
+    body = "\n".join([
+        "## SecAgg+ overhead (`bench/privacy.py --secagg`)",
+        "",
+        f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank}, {cfg.partition.num_clients} clients, "
+        f"{fed.rounds} rounds, head-init=random, the same seed; `secure-aggregation=secagg+` runs Flower's SecAgg+ "
+        f"(shares {fed.secagg_shares:g}, threshold {fed.secagg_threshold:g}, clipping range "
+        f"{fed.secagg_clipping_range:g}, {fed.secagg_quantization_range} levels). Bytes: everything the "
+        "train and evaluate messages carry both ways (SecAgg+: its four exchanges: keys, shares, masked "
+        "vectors, unmasking shares).",
+        "",
+        common.table(["", "s/round", "bytes/round", "final acc"],
+                     [["plain", f"{t0:.1f}", f"{b0:,.0f}", f"{a0:.3f}"],
+                      ["secagg+", f"{t1:.1f}", f"{b1:,.0f}", f"{a1:.3f}"],
+                      ["ratio", f"**{t1 / t0:.2f}x** (goal <= 1.5x)", f"**{b1 / b0:.2f}x** (goal <= 2x)", ""]]),
+    ])
+    common.write_section("privacy-secagg", body)
+    print(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="500")
     ap.add_argument("--epsilons", default="1,3,8,inf")
     ap.add_argument("--methods", default=",".join(METHODS.values()))
+    ap.add_argument("--audit", action="store_true", help="accountant epsilon vs epsilon_audit (client-level DP)")
+    ap.add_argument("--canaries", type=int, default=500)
+    ap.add_argument("--secagg", action="store_true", help="SecAgg+ overhead: time and bytes per round")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     base = {"eval-size": args.eval_size, **parse_set(args.set)}
     epsilons = [float(e) for e in args.epsilons.split(",")]
+    if args.audit:
+        audit(base, epsilons, args.canaries)
+        return
+    if args.secagg:
+        secagg(base)
+        return
     wanted = args.methods.split(",")
 
     from fedtune.server.run_dir import RunDir

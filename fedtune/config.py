@@ -133,6 +133,9 @@ class TrainConfig:
         _require(self.head_logit_scale > 0, "head-logit-scale", self.head_logit_scale, "must be > 0")
 
 
+WEIGHT_BOUNDS = ("clip", "reject")  # what the validate screen does with an example count above its bound
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     strategy: str = "fedavg"
@@ -163,6 +166,17 @@ class FederationConfig:
     robust_norm_bound: float = 1.0  # norm-bound: each update's L2 norm is clipped to this
     trim_fraction: float = 0.1  # trimmed-mean: share of the largest and of the smallest values dropped per coordinate
     ray_address: str = ""  # simulate: "" = a local Ray instance; "auto" or HOST:PORT = an existing Ray cluster
+    # lying clients (docs/robustness.md): a stated example count above this many times the cohort's median (and,
+    # in simulation, above the client's partition size) is clipped to the bound or the reply rejected
+    max_weight_ratio: float = 10.0
+    weight_bound: str = "clip"  # clip | reject
+    # secure aggregation on Flower's SecAgg+ (fedtune/server/secagg.py, docs/privacy.md): none | secagg+
+    secure_aggregation: str = "none"
+    secagg_shares: float = 1.0  # shares of each client's keys: <= 1 a share of the sampled clients, > 1 a count
+    secagg_threshold: float = 0.67  # shares needed to reconstruct: < 1 a share of secagg-shares, >= 2 a count
+    secagg_clipping_range: float = 8.0  # values are clipped to [-R, R] before quantization
+    secagg_quantization_range: int = 4194304  # 2**22 quantization levels
+    secagg_max_weight: float = 1000.0  # the largest weight (example count) a client may state; bounded before masking
 
     def __post_init__(self) -> None:
         from fedtune.profiles import check as check_profiles
@@ -181,6 +195,19 @@ class FederationConfig:
         _require(self.robust_norm_bound > 0 and math.isfinite(self.robust_norm_bound), "robust-norm-bound",
                  self.robust_norm_bound, "must be > 0")
         _require(0.0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _require(self.max_weight_ratio > 1, "max-weight-ratio", self.max_weight_ratio,
+                 "must be > 1 (inf: no cohort bound)")
+        _require(self.weight_bound in WEIGHT_BOUNDS, "weight-bound", self.weight_bound,
+                 f"must be one of {', '.join(WEIGHT_BOUNDS)}")
+        _require(self.secure_aggregation in ("none", "secagg+"), "secure-aggregation", self.secure_aggregation,
+                 "must be none or secagg+")
+        _require(self.secagg_shares > 0, "secagg-shares", self.secagg_shares, "must be > 0")
+        _require(self.secagg_threshold > 0 and not 1 <= self.secagg_threshold < 2, "secagg-threshold",
+                 self.secagg_threshold, "must be a share in (0, 1) or a count >= 2")
+        _require(self.secagg_clipping_range > 0, "secagg-clipping-range", self.secagg_clipping_range, "must be > 0")
+        _require(2 <= self.secagg_quantization_range < 2**32, "secagg-quantization-range",
+                 self.secagg_quantization_range, "must be in [2, 2**32)")
+        _require(self.secagg_max_weight > 0, "secagg-max-weight", self.secagg_max_weight, "must be > 0")
         check_profiles(self.profiles, self.profile_defs)
         from fedtune.strategies.robust import check_robust
 
@@ -214,6 +241,8 @@ class PrivacyConfig:
     target_clipped_quantile: float = 0.5  # client-adaptive
     clip_norm_lr: float = 0.2  # client-adaptive
     clipped_count_stddev: float = 0.0  # client-adaptive; 0 = Flower's default, sampled clients / 20
+    # empirical privacy audit (Andrew et al., ICLR 2024; docs/privacy.md): K canary clients; 0 = off
+    audit_canaries: int = 0
 
     def __post_init__(self) -> None:
         _require(self.dp in DP_MODES, "dp", self.dp, f"must be one of {', '.join(DP_MODES)}")
@@ -231,6 +260,7 @@ class PrivacyConfig:
                  "must be in [0, 1]")
         _require(self.clip_norm_lr > 0, "clip-norm-lr", self.clip_norm_lr, "must be > 0")
         _require(self.clipped_count_stddev >= 0, "clipped-count-stddev", self.clipped_count_stddev, "must be >= 0")
+        _require(self.audit_canaries >= 0, "audit-canaries", self.audit_canaries, "must be >= 0 (0: no audit)")
 
     @property
     def client_level(self) -> bool:

@@ -46,3 +46,21 @@ def test_report_writes_plots_and_html(tmp_path):
     for f in ("accuracy.png", "loss.png", "bytes.png", "report.html"):
         assert (run / f).stat().st_size > 500
     assert "0.2000" in (run / "report.html").read_text()
+
+
+def test_report_plots_the_accountant_and_the_audit(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"strategy": "fedavg", "model": "tiny"}))
+    rows = [{"round": r, "accuracy": 0.1 * r, "loss": 3 - r, "bytes_up": 10, "bytes_down": 20, "seconds": 1.0,
+             "epsilon": 1.5 * r} for r in range(3)]
+    rows[-1].update(epsilon_audit=1.2, epsilon_audit_low=0.8, epsilon_audit_high=1.9)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(run)]) == 0
+    assert (run / "privacy.png").stat().st_size > 500 and 'src="privacy.png"' in (run / "report.html").read_text()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "epsilon" not in k}) + "\n"
+                                               for r in rows))
+    (run / "privacy.png").unlink()
+    assert main(["report", str(run)]) == 0 and not (run / "privacy.png").exists()

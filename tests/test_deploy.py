@@ -235,3 +235,36 @@ def test_a_node_with_its_own_file_trains_on_all_of_it(tmp_path, quick_cfg):
                   state=RecordDict(), run_config={})
     worker = get_worker(*local_data(quick_cfg, 3, ctx))
     assert len(worker.data.train) + len(worker.data.val) == 60  # every training row of the node's file, no other
+
+
+@pytest.mark.slow
+def test_secagg_plus_over_the_deployment_engine(tmp_path):
+    """`fedtune serve --set secure-aggregation=secagg+` and 3 `fedtune join` SuperNodes: one round runs
+    Flower's SecAgg+ over gRPC (TLS, node auth) and aggregates all three clients."""
+    creds = make_credentials(tmp_path / "creds", nodes=3)
+    address = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "run"
+    procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        log = (tmp_path / f"{name}.log").open("wb")
+        proc = subprocess.Popen(FEDTUNE + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append((name, proc))
+        return proc
+
+    try:
+        node_keys = [a for i in range(3) for a in ("--node-key", str(creds.node_pub(i)))]
+        server = start("serve", ["serve", *QUICK, "--set", "rounds=1", "--set", "secure-aggregation=secagg+",
+                                 "--certs", str(creds.folder), "--address", address, "--out", str(run), *node_keys])
+        serve_log = tmp_path / "serve.log"
+        _wait(lambda: "waits for 3 SuperNodes" in serve_log.read_text(), 180, "the SuperLink", [("serve", server)])
+        for i in range(3):
+            start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key", str(creds.node_key(i)),
+                               "--partition-id", str(i), "--state-dir", str(tmp_path / f"home{i}")])
+        assert server.wait(timeout=400) == 0, serve_log.read_text()[-3000:]
+    finally:
+        for _, proc in reversed(procs):
+            stop_tree(proc, grace=3)
+    rows = _rows(run)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["aggregated"] and rows[1]["clients"] == 3 and rows[1]["bytes_up"] > 0, rows[1]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedtune import wire
 from fedtune.config import build_config
+from fedtune.errors import ConfigError
 from fedtune.profiles import DEFAULT, lookup
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import Member
@@ -45,9 +46,9 @@ def global_state() -> dict[str, torch.Tensor]:
 
 
 def reply(to: Message, state: dict[str, torch.Tensor], *, rank: int = 4, client: int | None = None,
-          profile: str = DEFAULT, scale: float = SCALE) -> Message:
+          profile: str = DEFAULT, scale: float = SCALE, weight: float | None = None) -> Message:
     node = to.metadata.dst_node_id
-    met = {wire.WEIGHT: 10 + node, wire.CLIENT_ID: NODES[node] if client is None else client, wire.RANK: rank,
+    met = {wire.WEIGHT: 10 + node if weight is None else weight, wire.CLIENT_ID: NODES[node] if client is None else client, wire.RANK: rank,
            wire.ALPHA: 16.0, wire.SCALE: scale, wire.RSLORA: 0}
     content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
                           wire.METRICS: MetricRecord(met), wire.ADAPTER: ConfigRecord({wire.PROFILE: profile})})
@@ -59,9 +60,9 @@ def trained(to: Message, seed: int, size: float = 0.01) -> dict[str, torch.Tenso
     return {k: v + size * torch.randn(v.shape, generator=g) for k, v in global_state().items()}
 
 
-def run_round(cfg, bad: dict[int, Message | None] | None = None):
+def run_round(cfg, bad: dict[int, Message | None] | None = None, caps=None):
     """(aggregate with the screens, the same strategy's aggregate of the good replies alone, Metered)."""
-    strategy = Metered(build_strategy(cfg), seed=0, screens=build_screens(cfg), min_replies=2)
+    strategy = Metered(build_strategy(cfg), seed=0, screens=build_screens(cfg, caps), min_replies=2)
     msgs = list(strategy.configure_train(1, wire.to_record(global_state()), ConfigRecord(), FakeGrid(cfg)))
     good = {m.metadata.dst_node_id: reply(m, trained(m, i)) for i, m in enumerate(msgs)}
     replies = {**good, **{n: fn(next(m for m in msgs if m.metadata.dst_node_id == n)) for n, fn in (bad or {}).items()}}
@@ -96,12 +97,17 @@ BAD = {
     "states client 3; node": lambda m: reply(m, trained(m, 7), client=3),
     "unknown profile": lambda m: reply(m, trained(m, 7), profile="gpu-huge"),
     "states alpha 16, rslora False, scale 3": lambda m: reply(m, trained(m, 7), scale=3.0),
+    "states 1e+09 examples, 8849557.5x the median 113 of the cohort (max-weight-ratio 10): rejected": lambda m: reply(
+        m, trained(m, 7), weight=1e9),
 }
+REJECT = {  # the reasons only weight-bound=reject gives (clip keeps the reply)
+    "states 1e+09 examples, 8849557.5x the median 113 of the cohort (max-weight-ratio 10): rejected"}
 
 
 @pytest.mark.parametrize("reason", list(BAD))
 def test_a_bad_reply_is_rejected_and_the_model_is_the_good_replies_alone(reason):
-    arrays, expected, strategy = run_round(CFG, {102: BAD[reason]})
+    cfg = CFG.replace(**{"weight-bound": "reject"}) if reason in REJECT else CFG
+    arrays, expected, strategy = run_round(cfg, {102: BAD[reason]})
     rejected = strategy.rounds[1].rejected
     assert [(r["client"], r["node"]) for r in rejected] == [(1, 102)]
     assert reason.strip() in rejected[0]["reason"], rejected[0]["reason"]
@@ -128,6 +134,62 @@ def test_the_norm_ratio_is_configurable():
     lax = CFG.replace(**{"max-norm-ratio": "inf"})
     _, _, strategy = run_round(lax, {102: BAD["update norm"]})
     assert strategy.rounds[1].rejected == []
+
+
+# -- lying about the example count -------------------------------------------------------------
+
+
+def _liar_share(cfg, caps=None, stated=1e9):
+    """(the liar's share s of the aggregate, the round's stats): with the others' mean M and
+    the liar's tensors L, the aggregate is exactly M + s (L - M)."""
+    liar = {}
+    arrays, alone, strategy = run_round(
+        cfg, {102: lambda m: reply(m, liar.setdefault("t", trained(m, 7)), weight=stated)}, caps)
+    got, mean = wire.from_record(arrays), wire.from_record(alone)  # alone: the others' weighted mean (111, 113, 114)
+    moved = torch.cat([(got[k].double() - mean[k].double()).flatten() for k in got])
+    towards = torch.cat([(liar["t"][k].double() - mean[k].double()).flatten() for k in got])
+    share = float(moved @ towards / (towards @ towards))  # least squares: the tensors are float32
+    assert torch.allclose(moved, share * towards, atol=1e-6)  # the aggregate is on the line M -> L
+    return share, strategy.rounds[1]
+
+
+def test_an_absurd_weight_is_clipped_to_the_cohort_bound():
+    """1e9 stated examples; the others state 111, 113, 114: the median of the others is 113, the bound
+    2 x 113 = 226, so the liar's share is 226 / (226 + 338) = 0.40071 -- not ~1."""
+    share, stats = _liar_share(CFG.replace(**{"max-weight-ratio": 2}))
+    assert share == pytest.approx(226 / 564, abs=1e-5)
+    assert stats.rejected == [] and [(a["client"], a["node"]) for a in stats.adjusted] == [(1, 102)]
+    assert stats.adjusted[0]["reason"] == ("states 1e+09 examples, 8849557.5x the median 113 of the cohort "
+                                           "(max-weight-ratio 2): clipped to 226")
+
+
+def test_the_partition_size_caps_a_stated_weight_in_simulation():
+    """Client 1's partition holds 150 examples: 1e9 is clipped to 150 (below the cohort bound 1130),
+    share 150 / (150 + 338) = 0.30738."""
+    share, stats = _liar_share(CFG, caps=(400, 150, 400, 400))
+    assert share == pytest.approx(150 / 488, abs=1e-5)
+    assert [a["reason"] for a in stats.adjusted] == ["states 1e+09 examples; client 1's partition holds 150: "
+                                                     "clipped to 150"]
+    share, stats = _liar_share(CFG, caps=(400, 150, 400, 400), stated=150)  # the truth passes untouched
+    assert stats.adjusted == [] and share == pytest.approx(150 / 488, abs=1e-5)
+
+
+def test_weight_bound_reject_drops_the_liar_at_the_cap():
+    arrays, expected, strategy = run_round(CFG.replace(**{"weight-bound": "reject"}),
+                                           {102: lambda m: reply(m, trained(m, 7), weight=151)}, caps=(400, 150, 400, 400))
+    assert [r["reason"] for r in strategy.rounds[1].rejected] == [
+        "states 151 examples; client 1's partition holds 150: rejected (weight-bound=reject)"]
+    got, want = wire.from_record(arrays), wire.from_record(expected)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_the_weight_ratio_is_configurable():
+    share, stats = _liar_share(CFG.replace(**{"max-weight-ratio": "inf"}))
+    assert stats.adjusted == [] and share == pytest.approx(1e9 / (1e9 + 338), abs=1e-5)
+    with pytest.raises(ConfigError, match="weight-bound"):
+        CFG.replace(**{"weight-bound": "ignore"})
+    with pytest.raises(ConfigError, match="max-weight-ratio"):
+        CFG.replace(**{"max-weight-ratio": 1})
 
 
 # -- the decoder: hand-made cases and fuzzing ---------------------------------------------------
@@ -212,9 +274,7 @@ def _contents(draw):
     return RecordDict(records)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_contents())
-def test_the_decoder_fails_only_with_bad_update(content):
+def _decodes_or_fails_with_bad_update(content) -> None:
     try:
         out = decode_update(content, lambda s: SHAPES)
     except BadUpdate as err:
@@ -223,6 +283,19 @@ def test_the_decoder_fails_only_with_bad_update(content):
     assert set(out.tensors) == set(SHAPES)
     assert all(tuple(t.shape) == SHAPES[k] and t.dtype == torch.float32 and torch.isfinite(t).all()
                for k, t in out.tensors.items())
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_contents())
+def test_the_decoder_fails_only_with_bad_update(content):
+    _decodes_or_fails_with_bad_update(content)
+
+
+@pytest.mark.slow
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_contents())
+def test_the_decoder_fails_only_with_bad_update_10000_inputs(content):
+    _decodes_or_fails_with_bad_update(content)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "hetlora", "flexlora", "flora", "ffa", "fedsa", "fedex"])

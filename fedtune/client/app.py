@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from fedtune import wire
 from fedtune.client.adapter import node_profile, prepare, reply_adapter
 from fedtune.client.gpu import device_metrics, oom_mod, start_round
+from fedtune.client.secagg import secagg_mod
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
 from fedtune.head_init import class_feature_sums, head_module
@@ -29,7 +30,9 @@ def _setup(msg: Message, context: Context):
     return prepare(msg, context)
 
 
-@app.train(mods=[oom_mod, client_dp_mod])  # a CUDA OOM fails this client only; clips for dp=client-* on clients
+# secagg_mod (outermost): Flower's SecAgg+ when the server runs it; a CUDA OOM fails this client only;
+# client_dp_mod clips (dp=client-* with dp-clipping=client) before masking
+@app.train(mods=[secagg_mod, oom_mod, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, client, worker = _setup(msg, context)
     start_round(worker.model)

@@ -1,6 +1,6 @@
 """Text-classification data shared by server and clients: sources, partitions, batches."""
 
 from fedtune.data.sources import TextDataset, load_dataset
-from fedtune.data.partition import ClientData, client_data, partition_indices
+from fedtune.data.partition import ClientData, client_data, partition_indices, train_sizes
 
-__all__ = ["TextDataset", "load_dataset", "ClientData", "client_data", "partition_indices"]
+__all__ = ["TextDataset", "load_dataset", "ClientData", "client_data", "partition_indices", "train_sizes"]

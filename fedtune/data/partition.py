@@ -78,6 +78,13 @@ def partition_indices(data: DataConfig, part: PartitionConfig, seed: int) -> tup
     return tuple(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n))
 
 
+def train_sizes(data: DataConfig, part: PartitionConfig, seed: int) -> tuple[int, ...]:
+    """Each client's number of training examples (its partition less the local validation
+    share, as ``client_data`` splits it): the most examples a client of this run can state."""
+    return tuple(len(rows) - int(round(len(rows) * part.val_fraction))
+                 for rows in partition_indices(data, part, seed))
+
+
 @dataclass(frozen=True)
 class ClientData:
     """One client's private data: its training rows and a local validation share."""

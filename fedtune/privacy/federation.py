@@ -8,6 +8,7 @@ so it meters exactly what crosses the wire):
     dp=sample           SampleLevelDP(strategy)
     dp=client-fixed     ClientLevelDP(DifferentialPrivacy{Server,Client}SideFixedClipping(UniformWeights(strategy)))
     dp=client-adaptive  ClientLevelDP(DifferentialPrivacy{Server,Client}SideAdaptiveClipping(UniformWeights(strategy)))
+    audit-canaries=K    CanaryAudit(any of the above, dp=sample excepted)   (fedtune.privacy.canaries)
 
 ``SampleLevelDP`` leaves out of the aggregation the clients whose budget is spent (they did
 not train; their reply carries the weights they received, with weight 0), and reports per
@@ -188,7 +189,20 @@ def client_level_noise(cfg: RunConfig) -> tuple[float, float, int]:
 
 
 def wrap_privacy(strategy: Strategy, cfg: RunConfig) -> Strategy:
-    """The strategy ``cfg.privacy.dp`` asks for, composed around ``strategy``."""
+    """The strategy ``cfg.privacy.dp`` asks for, composed around ``strategy``; with
+    ``audit-canaries`` K > 0, the one-shot canary audit around that (fedtune.privacy.canaries)."""
+    wrapped = _wrap_dp(strategy, cfg)
+    p = cfg.privacy
+    if not p.audit_canaries:
+        return wrapped
+    from fedtune.privacy.canaries import CanaryAudit
+
+    m = num_sampled_clients(cfg)
+    return CanaryAudit(wrapped, canaries=p.audit_canaries, seed=cfg.federation.seed, sample_rate=m / cfg.partition.num_clients,
+                       sampled=m, clip_norm=p.clip_norm, delta=p.delta, rounds=cfg.federation.rounds)
+
+
+def _wrap_dp(strategy: Strategy, cfg: RunConfig) -> Strategy:
     p = cfg.privacy
     if p.dp == "none":
         return strategy

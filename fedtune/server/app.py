@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from safetensors.torch import save_file
@@ -32,6 +32,7 @@ from fedtune.strategies.recipes import recipe_for
 
 _BOOKKEEPING = {wire.CLIENT_ID, wire.WEIGHT, *wire.ADAPTER_KEYS, wire.DEVICE_INDEX, wire.GPU_PEAK}
 Progress = Callable[[dict[str, Any]], None]
+PRIVACY_KEYS = ("epsilon", "epsilon_audit", "epsilon_audit_low", "epsilon_audit_high")
 
 
 def print_progress(row: dict[str, Any]) -> None:
@@ -49,22 +50,33 @@ def print_progress(row: dict[str, Any]) -> None:
         line += "  (global model kept)"
     if row.get("rejected"):
         line += f"  ({len(row['rejected'])} rejected: " + "; ".join(r["reason"] for r in row["rejected"]) + ")"
+    if row.get("adjusted"):
+        line += f"  ({len(row['adjusted'])} adjusted: " + "; ".join(r["reason"] for r in row["adjusted"]) + ")"
     print(line, file=sys.stderr, flush=True)
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+    grid: Grid, cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False,
+    weight_caps: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The whole federated run; returns the summary it also writes to the run directory.
-    After every round a checkpoint goes to ``run/checkpoint``; ``resume`` continues from it."""
+    After every round a checkpoint goes to ``run/checkpoint``; ``resume`` continues from it.
+    ``weight_caps``: each client's training examples where the server knows them (simulation):
+    no reply may state more (fedtune.server.validate)."""
     ds = load_dataset(cfg.data)
     shared = shared_model(server_model(cfg), ds.num_labels, seed=cfg.federation.seed)  # profiles: the largest rank
     model = shared.reset()
     recipe_for(cfg.federation.strategy).initialize(model, cfg.federation.seed)  # ffa: the shared frozen A
     trainable, total = num_parameters(model)
     evaluator = task_of(cfg).evaluator(cfg, run.path)  # classify: TestEvaluator; causal-lm: perplexity + generations
-    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed, screens=build_screens(cfg),
+    secure = cfg.federation.secure_aggregation != "none"  # the server sees only the sum: no per-reply screens
+    strategy = Metered(build_strategy(cfg), seed=cfg.federation.seed,
+                       screens=[] if secure else build_screens(cfg, weight_caps),
                        min_replies=min(cfg.federation.min_train_nodes, cfg.partition.num_clients))
+    if secure:  # Flower's SecAgg+ around the metered strategy (fedtune.server.secagg)
+        from fedtune.server.secagg import secagg_of
+
+        strategy = secagg_of(strategy, cfg)
     rank_aware = rank_aware_of(strategy)
     clock = {"t": time.perf_counter()}
     ckpt = load_for_resume(run.path, cfg.federation.rounds) if resume else None
@@ -98,6 +110,7 @@ def run_federation(
             "clients": stats.replied if stats else 0,
             "failures": stats.failures if stats else [],
             "rejected": stats.rejected if stats else [],
+            "adjusted": stats.adjusted if stats else [],  # replies kept but changed (a clipped weight)
             "missing": stats.missing if stats else [],  # sampled clients whose good reply never came
             "aggregated": stats.aggregated if stats else server_round == 0,
         }
@@ -159,6 +172,9 @@ def run_federation(
         "adapter": str(adapter_dir),
         "eval_examples": len(evaluator.enc),
     }
+    for key in PRIVACY_KEYS:  # the accountant's epsilon and the audit's estimate, as of the last round
+        if key in rows[-1]:
+            summary[key] = rows[-1][key]
     if "perplexity" in rows[0]:  # causal-lm
         summary.update(initial_perplexity=rows[0]["perplexity"], final_perplexity=rows[-1]["perplexity"])
     run.write_summary(summary)
@@ -166,12 +182,13 @@ def run_federation(
 
 
 def make_server_app(
-    cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False
+    cfg: RunConfig, run: RunDir, progress: Progress = print_progress, resume: bool = False,
+    weight_caps: Sequence[int] | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run, progress, resume)
+        run_federation(grid, cfg, run, progress, resume, weight_caps)
 
     return app

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import wire
-from fedtune.server.screen import Screen, Sent
+from fedtune.server.screen import Rejected, Screen, Sent
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RoundStats:
     replied: int = 0
     failures: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)  # {"client", "node", "reason"} per screened-out reply
+    adjusted: list[dict] = field(default_factory=list)  # {"client", "node", "reason"} per reply a screen changed
     sampled_nodes: list[int] = field(default_factory=list)
     missing: list[int | None] = field(default_factory=list)  # clients sampled whose good reply never came
     aggregated: bool = True  # False: too few good replies (or none released); the global model is kept
@@ -128,13 +129,17 @@ class Metered(Strategy):
         kept = [m for m in replies if not m.has_error()]
         for screen in self.screens:
             kept, rejected = screen(server_round, kept, self.sent)
-            for r in rejected:  # the client the node holds (the reply's own statement may be the bad part)
-                node = int(r.message.metadata.src_node_id)
-                client = self._client(node)
-                if client is None:
-                    client = _stated_client(r.message)
-                stats.rejected.append({"client": client, "node": node, "reason": r.reason})
+            stats.rejected.extend(self._record(r) for r in rejected)
+            stats.adjusted.extend(self._record(r) for r in getattr(screen, "notes", ()))  # e.g. a clipped weight
         return failed + kept
+
+    def _record(self, r: Rejected) -> dict:
+        """{"client", "node", "reason"}: the client the node holds (the reply's own statement may be the bad part)."""
+        node = int(r.message.metadata.src_node_id)
+        client = self._client(node)
+        if client is None:
+            client = _stated_client(r.message)
+        return {"client": client, "node": node, "reason": r.reason}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         random.seed(self.seed * 100_003 + server_round + 50_000)

@@ -6,7 +6,9 @@ e.g. a compressed update decoded to dense tensors) and the ones it rejects, each
 reason. ``Metered`` applies them (it stays outermost, so ``bytes_up`` is what crossed the
 wire) and records every rejection in the round's ``rejected`` list in ``metrics.jsonl``; a
 rejected reply never reaches the aggregation, so the global model is what the good replies
-alone give.
+alone give. A screen may also keep a reply but change it (the validate screen clips an
+absurd stated weight): it lists those in its ``notes`` (``Rejected`` records: the reply and
+why), which ``Metered`` records in the round's ``adjusted`` list.
 
 Screens are registered by name; ``build_screens`` returns the active ones in ``ORDER``:
 ``decode`` (compressed and sparse updates, fedtune.compression) before ``validate`` (keys,
@@ -15,7 +17,7 @@ shapes, ranks, dtypes, NaN/Inf, norms; fedtune.server.validate).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flwr.app import Message
@@ -44,14 +46,17 @@ Screen = Callable[[int, list[Message], Sent], tuple[list[Message], list[Rejected
 SCREENS: Registry[Callable[[RunConfig], Screen | None]] = Registry("screen")
 
 
-def build_screens(cfg: RunConfig) -> list[Screen]:
-    """The run's active screens, in ``ORDER``."""
+def build_screens(cfg: RunConfig, weight_caps: Sequence[int] | None = None) -> list[Screen]:
+    """The run's active screens, in ``ORDER``. ``weight_caps``: each client's training examples,
+    where the server knows them (simulation), for the screens that bound stated weights."""
     _load_builtin()
     out = []
     for name in ORDER:
         if name in SCREENS:
             screen = SCREENS.get(name)(cfg)
             if screen is not None:
+                if hasattr(screen, "weight_caps"):
+                    screen.weight_caps = weight_caps
                 out.append(screen)
     return out
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 # Attributes that carry state from round to round (None = not started, left as built):
-TENSOR_DICTS = ("m_t", "v_t")  # FedOpt moments (Reddi et al., 2021): {key: ndarray}
+TENSOR_DICTS = ("m_t", "v_t", "canary_state")  # FedOpt moments (Reddi et al., 2021): {key: ndarray}; the audit's
 TENSOR_LISTS = ("momentum_vector",)  # FedAvgM (Hsu et al., 2019): [ndarray] in key order
 NESTED = ("group_B",)  # FedSA: {profile: {layer: Tensor}}
 SCALARS = ("clipping_norm",)  # Flower's adaptive-clipping DP wrappers move the bound

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
-from fedtune.data import load_dataset, partition_indices
+from fedtune.data import load_dataset, partition_indices, train_sizes
 from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.profiles import server_model
 from fedtune.server.app import Progress, make_server_app, print_progress
@@ -71,6 +71,10 @@ def preflight(cfg: RunConfig) -> None:
     from fedtune.strategies import build_strategy  # robust aggregation: what the strategy refuses
 
     build_strategy(cfg)
+    if cfg.federation.secure_aggregation != "none":  # Flower's SecAgg+ argument checks
+        from fedtune.server.secagg import secagg_of
+
+        secagg_of(object(), cfg)
 
 
 def with_client_state_dir(cfg: RunConfig, out: str | Path) -> RunConfig:
@@ -97,7 +101,9 @@ def simulate(
     cfg = with_client_state_dir(cfg, out)
     preflight(cfg)
     run = RunDir(out) if resume else RunDir(out).create(cfg)
-    server_app = make_server_app(cfg, run, progress, resume)
+    # the server knows every partition here: no client may state more examples than its own holds
+    caps = train_sizes(cfg.data, cfg.partition, cfg.federation.seed)
+    server_app = make_server_app(cfg, run, progress, resume, caps)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not verbose:  # Flower's own log (incl. the run_simulation deprecation notice) only with --verbose
