@@ -23,7 +23,7 @@ from fedtune.errors import ConfigError
 from fedtune.deploy.processes import free_port, parse_address, stop_tree
 
 FEDTUNE = [sys.executable, "-m", "fedtune"]
-QUICK = ["--preset", "quick", "--set", "num-clients=3", "--set", "head-init=random", "--set", "fraction-evaluate=0",
+QUICK = ["--preset", "tiny", "--set", "num-clients=3", "--set", "head-init=random", "--set", "fraction-evaluate=0",
          "--set", "round-timeout=90", "--set", "local-steps=2"]
 
 

@@ -85,7 +85,7 @@ def test_llm_preset_and_refusals():
     with pytest.raises(ConfigError, match="head-init='ncm'"):
         resolve("llm", None, {"head-init": "ncm"})
     with pytest.raises(ConfigError, match="base-dtype"):
-        resolve("quick", None, {"base-dtype": "bfloat16"})
+        resolve("tiny", None, {"base-dtype": "bfloat16"})
     with pytest.raises(ConfigError, match="gradient-checkpointing"):
         resolve("llm", None, {"gradient-checkpointing": "true", "dp": "sample", "noise-multiplier": "1.0"})
     with pytest.raises(ConfigError, match="task"):
