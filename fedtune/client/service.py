@@ -103,7 +103,8 @@ def _handle(conn: Connection, app, log: Path) -> None:
         answer: tuple[Any, ...] = ("ok", reply, context.state)
     except Exception as exc:  # noqa: BLE001 - the node reports it as this ClientApp's error
         answer = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-    row = {"pid": os.getpid(), "message_type": kind, "ok": answer[0] == "ok",
+    row = {"at": round(time.time() - (time.perf_counter() - start), 3), "pid": os.getpid(), "message_type": kind,
+           "ok": answer[0] == "ok",
            "seconds": round(time.perf_counter() - start, 3), **_builds()}
     with log.open("a") as fh:  # before the reply: whoever reads the log after it sees this request
         fh.write(json.dumps(row) + "\n")
