@@ -85,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         loss.backward()
         opt.step()
     content = RecordDict({"arrays": ArrayRecord(trainable(model)),
-                          "metrics": MetricRecord({"num-examples": len(enc), "train_loss": float(loss)})})
+                          "metrics": MetricRecord({"num-examples": len(enc), "train_loss": loss.item()})})
     return Message(content=content, reply_to=msg)
 
 
