@@ -101,7 +101,7 @@ def main() -> None:
     body = "\n".join([
         "## Scaling in the number of clients (`bench/scale.py`)",
         "",
-        f"Quick preset (tiny model), Flower simulation on Ray, {SAMPLED} clients sampled per round "
+        f"Tiny preset (tiny config-built model), Flower simulation on Ray, {SAMPLED} clients sampled per round "
         f"(`fraction-train` = {SAMPLED}/N, `fraction-evaluate` = 3/N), {args.rounds} rounds, the same 4,000 "
         "training examples split over N clients (Dirichlet 0.5). Memory: the whole process tree (driver, Ray's "
         "raylet and GCS, worker actors), sampled every 0.5 s; RSS summed (a shared page counts in every process "
