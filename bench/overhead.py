@@ -34,6 +34,7 @@ BENCH = str(Path(__file__).resolve().parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BENCH, os.environ.get("PYTHONPATH", "")) if p)  # Ray workers import plain_flower
 
 from fedtune.config import FIELDS, parse_set  # noqa: E402
+from fedtune.errors import ConfigError  # noqa: E402
 from fedtune.presets import resolve  # noqa: E402
 
 AUTOCAST = "cpu-autocast"
@@ -85,7 +86,15 @@ def main() -> None:
         variants = {f"{AUTOCAST}={v}": {AUTOCAST: v} for v in ("off", "on")}
     else:
         print(f"note: this fedtune has no {AUTOCAST!r} key; fedtune runs once, without it", flush=True)
-    cfgs = {name: resolve(args.preset, overrides={**base, **extra}) for name, extra in variants.items()}
+    cfgs = {}
+    for name, extra in variants.items():
+        try:
+            cfgs[name] = resolve(args.preset, overrides={**base, **extra})
+        except ConfigError as exc:  # e.g. a key that takes auto|off, not on
+            if extra.get(AUTOCAST) != "on":
+                raise
+            print(f"note: {exc}; using {AUTOCAST}=auto", flush=True)
+            cfgs[f"{AUTOCAST}=auto"] = resolve(args.preset, overrides={**base, AUTOCAST: "auto"})
     plain_cfg = resolve(args.preset, overrides={**base, **({AUTOCAST: "off"} if AUTOCAST in FIELDS else {})})
 
     runs: dict[str, list[dict]] = {}
