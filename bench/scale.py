@@ -1,6 +1,6 @@
 """Scaling in the number of clients: 10, 30 and 100 virtual clients, 10 sampled per round.
 
-Each size runs ``fedtune simulate`` (quick preset, Flower's simulation runtime on Ray) in its
+Each size runs ``fedtune simulate`` (tiny preset, Flower's simulation runtime on Ray) in its
 own process; a thread samples the memory of that whole process tree (driver, Ray's raylet
 and GCS, worker actors) every 0.5 s with psutil. Reports wall time per round (rounds 1..N)
 and the peak of the summed RSS (and of the summed PSS, which counts shared pages once).
@@ -48,7 +48,7 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
 def run_one(n: int, rounds: int, extra: list[str], out: Path) -> dict:
     sets = {"num-clients": n, "fraction-train": SAMPLED / n, "fraction-evaluate": min(1.0, 3 / n), "rounds": rounds,
             "train-size": 4000}  # 4000 examples: 40 per client at 100 (a Dirichlet split needs >= 10 each)
-    cmd = [sys.executable, "-m", "fedtune", "simulate", "--preset", "quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedtune", "simulate", "--preset", "tiny", "--out", str(out)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     for item in extra:
@@ -101,7 +101,7 @@ def main() -> None:
     body = "\n".join([
         "## Scaling in the number of clients (`bench/scale.py`)",
         "",
-        f"Quick preset (tiny model), Flower simulation on Ray, {SAMPLED} clients sampled per round "
+        f"Tiny preset (tiny config-built model), Flower simulation on Ray, {SAMPLED} clients sampled per round "
         f"(`fraction-train` = {SAMPLED}/N, `fraction-evaluate` = 3/N), {args.rounds} rounds, the same 4,000 "
         "training examples split over N clients (Dirichlet 0.5). Memory: the whole process tree (driver, Ray's "
         "raylet and GCS, worker actors), sampled every 0.5 s; RSS summed (a shared page counts in every process "

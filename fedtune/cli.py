@@ -22,7 +22,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="default", help="starting point: default (MiniLM) or quick (tiny model)")
+    from fedtune.presets import summary
+
+    p.add_argument("--preset", default="default", help=f"starting point (default: default): {summary()}")
     p.add_argument("--config", help="TOML file of flat keys, applied after the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
 

@@ -58,7 +58,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "minilm"  # 'minilm' (bundled), 'tiny' (built from a config), a HF id or a path
+    model: str = "minilm"  # 'minilm' (bundled), 'minilm-2' (its first 2 layers), 'tiny' (built from a config), a HF id or a path
     adapter: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0

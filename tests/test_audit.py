@@ -192,7 +192,7 @@ def test_audit_through_flower_reports_epsilon_audit_beside_epsilon(tmp_path):
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.simulate import simulate
 
-    cfg = resolve("quick", overrides={"num-clients": 3, "fraction-train": 0.67, "rounds": 2, "train-size": 300,
+    cfg = resolve("tiny", overrides={"num-clients": 3, "fraction-train": 0.67, "rounds": 2, "train-size": 300,
                                       "eval-size": 64, "local-steps": 2, "max-length": 24, "partition": "iid",
                                       "head-init": "random", "dp": "client-fixed", "target-epsilon": 8,
                                       "audit-canaries": 50})

@@ -6,7 +6,7 @@ from fedtune.presets import resolve
 
 
 def test_flat_round_trip_is_exact():
-    cfg = resolve("quick", overrides={"lora-rank": "3", "target-modules": "query,value", "lr": "0.004"})
+    cfg = resolve("tiny", overrides={"lora-rank": "3", "target-modules": "query,value", "lr": "0.004"})
     assert cfg.model.lora_rank == 3 and cfg.model.target_modules == ("query", "value") and cfg.train.lr == 0.004
     assert RunConfig.from_json(cfg.to_json()) == cfg
 
@@ -40,7 +40,7 @@ def test_unknown_key_lists_valid_keys():
 
 
 def test_unknown_preset_lists_valid():
-    with pytest.raises(ConfigError, match="unknown preset 'big'; valid: default, llm, private, quick"):
+    with pytest.raises(ConfigError, match="unknown preset 'big'; valid: default, llm, private, quick, tiny"):
         resolve("big")
 
 
@@ -48,3 +48,32 @@ def test_parse_set_rejects_missing_equals():
     assert parse_set(["a=1", "b = x"]) == {"a": "1", "b": "x"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set(["rounds"])
+
+
+def test_simulate_help_lists_every_preset(capsys):
+    from fedtune.cli import build_parser
+    from fedtune.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name} (" in out for name in PRESETS.names())
+
+
+def test_quick_is_minilm_cut_to_two_layers_with_its_real_weights():
+    """The newcomer's preset runs a real (truncated) MiniLM; the tests' preset the tiny one."""
+    import torch
+
+    from fedtune.modeling import _base_model
+
+    assert resolve("quick").model.model == "minilm-2" and resolve("tiny").model.model == "tiny"
+    small, full = _base_model("minilm-2", 4), _base_model("minilm", 4)
+    assert len(small.bert.encoder.layer) == 2 and small.config.num_hidden_layers == 2
+    for name, p in small.bert.named_parameters():
+        assert torch.equal(p, dict(full.bert.named_parameters())[name]), name
+    ids = torch.tensor([[101, 7592, 2088, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    out = small(input_ids=ids, attention_mask=mask, labels=torch.tensor([1]))
+    assert out.logits.shape == (1, 4) and out.loss is not None
+    padded = small(input_ids=ids[:, :4], attention_mask=mask[:, :4]).logits  # mean over real tokens only
+    assert torch.allclose(out.logits, padded, atol=1e-5)

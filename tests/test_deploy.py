@@ -23,8 +23,8 @@ from fedtune.errors import ConfigError
 from fedtune.deploy.processes import free_port, parse_address, stop_tree
 
 FEDTUNE = [sys.executable, "-m", "fedtune"]
-QUICK = ["--preset", "quick", "--set", "num-clients=3", "--set", "head-init=random", "--set", "fraction-evaluate=0",
-         "--set", "round-timeout=90", "--set", "local-steps=2"]
+QUICK = ["--preset", "tiny", "--set", "num-clients=3", "--set", "head-init=random", "--set", "fraction-evaluate=0",
+         "--set", "round-timeout=90", "--set", "local-steps=2", "--set", "rounds=3"]
 
 
 def test_credentials_verify_and_match(tmp_path):
@@ -170,8 +170,9 @@ def _rows(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path):
-    """2 rounds over TLS with node auth; an unregistered node is refused; one SuperNode is
-    SIGKILLed as round 2 starts and the round completes with the other two."""
+    """3 rounds over TLS with node auth; an unregistered node is refused; one SuperNode is
+    SIGKILLed as round 2 starts and rounds 2 and 3 complete with the other two. Each node's
+    long-lived worker builds its model once and serves every round from one process."""
     creds = make_credentials(tmp_path / "creds", nodes=4)  # node-3's key is never registered
     address = f"127.0.0.1:{free_port()}"
     run = tmp_path / "run"
@@ -207,11 +208,18 @@ def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path):
             stop_tree(proc, grace=3)
 
     rows = _rows(run)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["clients"] == 3 and rows[1]["bytes_up"] > 0
     assert rows[2]["clients"] == 2 and rows[2]["missing"] == [2]  # the killed node, recorded
+    assert rows[3]["clients"] == 2  # the SuperLink has dropped the dead node: no longer sampled
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds"] == 2
+    assert summary["rounds"] == 3
+    for i in (0, 1):  # one worker process per node, one model build and one data load for all rounds
+        served = [json.loads(x) for x in (tmp_path / f"home{i}" / "worker" / "worker.jsonl").read_text().splitlines()]
+        trained = [r for r in served if r["message_type"] == "train"]
+        assert len(trained) == 3 and all(r["ok"] for r in served)
+        assert {r["pid"] for r in served} == {served[0]["pid"]}
+        assert served[-1]["model_builds"] == 1 and served[-1]["data_loads"] == 1
     from safetensors.torch import load_file
 
     saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))

@@ -166,7 +166,7 @@ def test_base_quant_without_cuda_is_one_model_error() -> None:
 def test_cuda_requests_on_a_cpu_machine_are_one_line_exit_2(setting, needle, capsys, tmp_path) -> None:
     from fedtune.cli import main
 
-    assert main(["simulate", "--preset", "quick", "--set", setting, "--out", str(tmp_path / "run")]) == 2
+    assert main(["simulate", "--preset", "tiny", "--set", setting, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("fedtune: error:")]
     assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
@@ -244,7 +244,7 @@ def test_an_out_of_memory_client_fails_its_own_round(tmp_path) -> None:
     from fedtune.presets import resolve
     from fedtune.simulations.simulate import simulate
 
-    cfg = resolve("quick", overrides={"rounds": 2, "fraction-evaluate": 0.0})
+    cfg = resolve("tiny", overrides={"rounds": 2, "fraction-evaluate": 0.0})
     simulate(cfg, tmp_path, progress=lambda row: None, client_app=faulty_clients.oom_app)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     r1, r2 = rows[1], rows[2]

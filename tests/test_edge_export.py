@@ -34,7 +34,7 @@ FAST = ExportOptions(examples=48, latency_runs=3, warmup=1)
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny run with random LoRA and head matrices: merging changes weights, predictions vary."""
-    cfg = resolve("quick", None, {"eval-size": 64})
+    cfg = resolve("tiny", None, {"eval-size": 64})
     model = demo_model(cfg, steps=3)
     perturb_adapter(model, std=1.0)
     run = save_demo_run(cfg, model, tmp_path_factory.mktemp("tiny") / "run")
@@ -247,3 +247,49 @@ def test_default_int8_accuracy_drop_at_most_one_point(default_export):
     assert ver["reference_accuracy"] >= 0.4  # a model that has learned something
     assert ver["reference_accuracy"] - ver["int8"]["accuracy"] <= 0.01
     assert default_export["ratios"]["int8_vs_fp32_size"] <= 0.30
+
+
+# -- the parity gate is relative to the logits' size ---------------------------------------------
+
+
+def test_parity_tolerance_is_relative_to_the_largest_logit():
+    from fedtune.edge_export.verify import logit_scale, within_tolerance
+
+    ref = np.array([[800.0, -3.0], [12.0, 0.5]])
+    assert logit_scale(ref) == 800.0 and logit_scale(ref / 1000) == 1.0  # never below 1
+    assert within_tolerance(3.05e-4, logit_scale(ref), 1e-4)  # the FedNCM head of issue 14: passes now
+    assert not within_tolerance(3.05e-4, logit_scale(ref / 1000), 1e-4)  # small logits: still 1e-4 absolute
+    assert not within_tolerance(0.1, 800.0, 1e-4) and not within_tolerance(float("nan"), 800.0, 1e-4)
+
+
+def test_large_logit_head_exports_and_a_wrong_export_still_fails(tmp_path, monkeypatch):
+    """A head with logits in the hundreds exports (the gate scales with them); the same run
+    with one base weight changed in the exported model is refused."""
+    from torch import nn
+
+    from fedtune.edge_export import export as export_mod
+    from fedtune.head_init import head_module
+
+    cfg = resolve("tiny", None, {"eval-size": 32})
+    model = demo_model(cfg, steps=1, train_examples=64)
+    with torch.no_grad():
+        head_module(model).weight.mul_(1e4)  # |logits| ~ hundreds, as a FedNCM head on a tiny base
+    run = save_demo_run(cfg, model, tmp_path / "run")
+    opts = ExportOptions(examples=16, latency_runs=1, warmup=0)
+    fp32 = export_fp32(run.path, tmp_path / "ok", opts)["verification"]["fp32"]
+    assert fp32["logit_scale"] > 200 and fp32["argmax_agreement"] == 1.0
+    assert fp32["max_abs_diff"] <= 1e-4 * fp32["logit_scale"]
+
+    real_merge = export_mod.merge
+
+    def wrong_merge(m):  # a broken export: one base matrix 1% off
+        merged = real_merge(m)
+        dense = [x for x in merged.modules() if isinstance(x, nn.Linear)][-2]  # the last one before the head
+        with torch.no_grad():
+            dense.weight.add_(0.01 * dense.weight.std() * torch.randn(dense.weight.shape, generator=torch.Generator().manual_seed(0)))
+        return merged
+
+    monkeypatch.setattr(export_mod, "merge", wrong_merge)
+    with pytest.raises(ParityError, match=r"the largest \|logit\|\) on 16 test examples; nothing was written"):
+        export_fp32(run.path, tmp_path / "bad", opts)
+    assert not (tmp_path / "bad").exists()

@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     from fedtune.simulations.simulate import backend_config, preflight
 
     root = tmp_path_factory.mktemp("fedexport")
-    cfgs = {n: with_client_state_dir(resolve("quick", overrides={**SMALL, "strategy": n}), root / n) for n in NAMES}
+    cfgs = {n: with_client_state_dir(resolve("tiny", overrides={**SMALL, "strategy": n}), root / n) for n in NAMES}
     server_app = ServerApp()
 
     @server_app.main()
@@ -195,12 +195,12 @@ def test_fedsa_client_exports_are_each_clients_own_model(runs, tmp_path, capsys)
 
 
 def test_simulate_gives_fedsa_clients_a_state_dir_in_the_run(tmp_path):
-    fedsa = resolve("quick", overrides={"strategy": "fedsa"})
+    fedsa = resolve("tiny", overrides={"strategy": "fedsa"})
     assert with_client_state_dir(fedsa, tmp_path / "run").federation.client_state_dir == \
         str((tmp_path / "run" / "clients").resolve())
     mine = fedsa.replace(**{"client-state-dir": str(tmp_path / "mine")})
     assert with_client_state_dir(mine, tmp_path / "run") == mine
-    fedavg = resolve("quick")
+    fedavg = resolve("tiny")
     assert with_client_state_dir(fedavg, tmp_path / "run") == fedavg  # no personal part: unchanged
 
 
@@ -214,7 +214,7 @@ def test_fedsa_client_writes_its_B_after_training(task_identity, tmp_path):
 
     over = {"num-clients": "2", "train-size": "200", "max-length": "24", "local-steps": "2", "strategy": "fedsa",
             "profiles": "edge", "profile-defs": "edge lora-rank=2 layers=1", "client-state-dir": str(tmp_path / "s")}
-    cfg = resolve("quick", overrides=over)
+    cfg = resolve("tiny", overrides=over)
     g = GlobalState(trainable_state(build_model(server_model(cfg), 20)), {})
     arrays = STRATEGIES.get("fedsa")(cfg).node_arrays(g.encode(), lookup(cfg, "edge"))
     config = ConfigRecord({wire.RUN_CONFIG: cfg.to_json(), "server-round": 3})

@@ -15,7 +15,7 @@ from fedtune.simulations.simulate import simulate
 def test_lost_clients_are_recorded_and_rounds_complete(tmp_path):
     import faulty_clients  # tests/faulty_clients.py: clients 1 (round 1), 3 (round 2) crash, 2 hangs in round 2
 
-    cfg = resolve("quick", overrides={"rounds": 2, "min-train-nodes": 3, "round-timeout": 90,
+    cfg = resolve("tiny", overrides={"rounds": 2, "min-train-nodes": 3, "round-timeout": 90,
                                       "fraction-evaluate": 0.0})
     summary = simulate(cfg, tmp_path, progress=lambda row: None, client_app=faulty_clients.app)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

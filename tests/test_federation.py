@@ -14,7 +14,7 @@ SMALL = {"num-clients": "2", "rounds": "2", "train-size": "300", "eval-size": "6
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    cfg = resolve("quick", overrides=SMALL)
+    cfg = resolve("tiny", overrides=SMALL)
     a = tmp_path_factory.mktemp("a")
     b = tmp_path_factory.mktemp("b")
     return cfg, a, simulate(cfg, a, progress=lambda row: None), b, simulate(cfg, b, progress=lambda row: None)

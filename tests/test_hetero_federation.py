@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     from fedtune.server.app import run_federation
     from fedtune.simulations.simulate import backend_config, preflight
 
-    cfgs = {n: resolve("quick", overrides={**SMALL, "strategy": n}) for n in NAMES}
+    cfgs = {n: resolve("tiny", overrides={**SMALL, "strategy": n}) for n in NAMES}
     root = tmp_path_factory.mktemp("hetero")
     server_app = ServerApp()
 

@@ -84,7 +84,7 @@ def test_llm_preset_and_refusals():
     assert cfg.model.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     with pytest.raises(ConfigError, match="head-init='ncm'"):
         resolve("llm", None, {"head-init": "ncm"})
-    assert resolve("quick", None, {"base-dtype": "bfloat16"}).model.base_dtype == "bfloat16"  # both tasks (gpu.md)
+    assert resolve("tiny", None, {"base-dtype": "bfloat16"}).model.base_dtype == "bfloat16"  # both tasks (gpu.md)
     with pytest.raises(ConfigError, match="gradient-checkpointing"):
         resolve("llm", None, {"gradient-checkpointing": "true", "dp": "sample", "noise-multiplier": "1.0"})
     with pytest.raises(ConfigError, match="task"):

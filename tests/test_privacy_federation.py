@@ -93,7 +93,7 @@ def test_refused_combinations_are_config_errors(overrides, needle):
     ],
 )
 def test_refusals_through_the_cli_are_one_line_exit_2(sets, needle, capsys, tmp_path):
-    argv = ["simulate", "--preset", "quick", "--out", str(tmp_path / "run")]
+    argv = ["simulate", "--preset", "tiny", "--out", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 2
@@ -143,7 +143,7 @@ def test_client_accountant_lives_in_context_state_and_state_file(task_identity, 
     from fedtune.privacy.client import STATE_KEY
 
     over = {**SMALL, "dp": "sample", "noise-multiplier": "2.0", "dp-state-dir": str(tmp_path)}
-    cfg = resolve("quick", overrides=over)
+    cfg = resolve("tiny", overrides=over)
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).model
     q = 16 / len(client_data(cfg.data, cfg.partition, 0, 0).train)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
@@ -291,7 +291,7 @@ def test_sample_dp_epsilon_is_cumulative_survives_a_restart_and_a_spent_budget_s
 
     state = tmp_path / "state"
     common = {**SMALL, "dp": "sample", "dp-state-dir": str(state)}
-    cfg_a = resolve("quick", overrides={**common, "noise-multiplier": "2.0"})
+    cfg_a = resolve("tiny", overrides={**common, "noise-multiplier": "2.0"})
     n = len(client_data(cfg_a.data, cfg_a.partition, 0, 0).train)
     assert n == len(client_data(cfg_a.data, cfg_a.partition, 0, 1).train) == 135
     q, steps = 16 / n, 2
@@ -308,7 +308,7 @@ def test_sample_dp_epsilon_is_cumulative_survives_a_restart_and_a_spent_budget_s
         saved = json.loads((state / f"client-{c}.json").read_text())["accountant"]
         assert saved["history"] == [[2.0, q, 4]]
 
-    cfg_b = resolve("quick", overrides={**common, "target-epsilon": "2"})
+    cfg_b = resolve("tiny", overrides={**common, "target-epsilon": "2"})
     sigma_b = get_noise_multiplier(target_epsilon=2.0, target_delta=DELTA, sample_rate=q, steps=2 * steps,
                                    accountant="rdp", epsilon_tolerance=2e-3)
     continued = opacus_epsilon([(2.0, q, 4), (sigma_b, q, steps)])
@@ -332,7 +332,7 @@ def test_client_level_dp_through_flower_reports_epsilon(tmp_path):
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.simulate import simulate
 
-    cfg = resolve("quick", overrides={**SMALL, "num-clients": 3, "fraction-train": 0.67, "dp": "client-fixed",
+    cfg = resolve("tiny", overrides={**SMALL, "num-clients": 3, "fraction-train": 0.67, "dp": "client-fixed",
                                       "dp-clipping": "client", "noise-multiplier": "0.7", "clip-norm": "0.5"})
     simulate(cfg, tmp_path / "run", progress=lambda row: None)
     rows = RunDir(tmp_path / "run").metrics()

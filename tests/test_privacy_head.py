@@ -105,7 +105,7 @@ def test_client_releases_noisy_sums_and_accounts_them_first(task_identity, tmp_p
     from fedtune.presets import resolve
     from fedtune.privacy.client import STATE_KEY
 
-    cfg = resolve("quick", overrides={"num-clients": 2, "train-size": 300, "partition": "iid", "max-length": 24,
+    cfg = resolve("tiny", overrides={"num-clients": 2, "train-size": 300, "partition": "iid", "max-length": 24,
                                       "dp": "sample", "target-epsilon": "6", "dp-state-dir": str(tmp_path)})
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).model
     ((sigma, _, _),) = head_plan(cfg)
@@ -148,7 +148,7 @@ def test_private_head_and_dp_sgd_share_one_budget_through_flower(tmp_path):
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.simulate import simulate
 
-    cfg = resolve("quick", overrides={"num-clients": 2, "rounds": 2, "train-size": 300, "eval-size": 64,
+    cfg = resolve("tiny", overrides={"num-clients": 2, "rounds": 2, "train-size": 300, "eval-size": 64,
                                       "local-steps": 2, "max-length": 24, "partition": "iid",
                                       "dp": "sample", "target-epsilon": "4"})
     n = len(client_data(cfg.data, cfg.partition, 0, 0).train)

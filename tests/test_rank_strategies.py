@@ -302,7 +302,7 @@ def test_fedsa_client_keeps_its_B_in_context_state_across_rounds() -> None:
 
     small = {"num-clients": "2", "train-size": "200", "max-length": "24", "local-steps": "2",
              "profiles": "edge", "profile-defs": "edge lora-rank=2 layers=1"}
-    cfg = resolve("quick", overrides={**small, "strategy": "fedsa"})
+    cfg = resolve("tiny", overrides={**small, "strategy": "fedsa"})
     strategy = STRATEGIES.get("fedsa")(cfg)
     g = GlobalState(trainable_state(build_model(server_model(cfg), 20)), {})
     edge = lookup(cfg, "edge")
@@ -334,7 +334,7 @@ def test_ffa_client_freezes_the_shared_A_and_sends_only_B() -> None:
     from fedtune.profiles import server_model
     from fedtune.strategies.recipes import recipe_for, shared_A
 
-    cfg = resolve("quick", overrides={"num-clients": "2", "train-size": "200", "max-length": "24", "local-steps": "2",
+    cfg = resolve("tiny", overrides={"num-clients": "2", "train-size": "200", "max-length": "24", "local-steps": "2",
                                       "profiles": "edge", "profile-defs": "edge lora-rank=2", "strategy": "ffa"})
     server = build_model(server_model(cfg), 20)
     recipe_for("ffa").initialize(server, cfg.federation.seed)

@@ -129,7 +129,7 @@ def test_resume_refuses_changes_and_runs_without_checkpoint(tmp_path):
     from fedtune.presets import resolve
     from fedtune.server.run_dir import RunDir
 
-    RunDir(tmp_path).create(resolve("quick"))
+    RunDir(tmp_path).create(resolve("tiny"))
     with pytest.raises(ResumeError, match="no checkpoint"):
         resume_config(tmp_path, None, [], None)
     with pytest.raises(ResumeError, match="drop --config, --set"):
@@ -144,7 +144,7 @@ def test_resume_refuses_changes_and_runs_without_checkpoint(tmp_path):
 def _simulate(out: Path, strategy: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedtune", "simulate", *extra]
     if "--resume" not in extra:
-        cmd += ["--preset", "quick", "--set", "rounds=3", "--set", "local-steps=20",
+        cmd += ["--preset", "tiny", "--set", "rounds=3", "--set", "local-steps=20",
                 "--set", f"strategy={strategy}", "--out", str(out)]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(out.parent / f"{out.name}.log", "a"))
@@ -200,7 +200,7 @@ def test_a_restarted_fedsa_client_takes_its_B_from_an_earlier_round_only(tmp_pat
     from fedtune.presets import resolve
     from fedtune.profiles import DEFAULT, lookup
 
-    cfg = resolve("quick", overrides={"strategy": "fedsa", "client-state-dir": str(tmp_path / "clients")})
+    cfg = resolve("tiny", overrides={"strategy": "fedsa", "client-state-dir": str(tmp_path / "clients")})
     B = {"layer.lora_B.default.weight": torch.arange(6.0).reshape(3, 2)}
     save_personal(cfg, 2, lookup(cfg, DEFAULT), B, server_round=2)
 

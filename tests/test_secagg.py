@@ -52,7 +52,7 @@ def test_allowed_combinations_build():
     (["secure-aggregation=paillier"], "secure-aggregation='paillier'"),
 ])
 def test_refusals_through_the_cli_are_one_line_exit_2(sets, needle, capsys, tmp_path):
-    argv = ["simulate", "--preset", "quick", "--out", str(tmp_path / "run")]
+    argv = ["simulate", "--preset", "tiny", "--out", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 2
@@ -84,7 +84,7 @@ def _run(tmp_path, name, overrides, client_app=None):
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.simulate import simulate
 
-    cfg = resolve("quick", overrides={**SMALL, **overrides})
+    cfg = resolve("tiny", overrides={**SMALL, **overrides})
     simulate(cfg, tmp_path / name, progress=lambda row: None, client_app=client_app)
     rows = RunDir(tmp_path / name).metrics()
     arrays = load_file(str(tmp_path / name / "checkpoint" / f"round-{cfg.federation.rounds:04d}" / "global.safetensors"))

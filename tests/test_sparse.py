@@ -216,7 +216,7 @@ def tiny_sparse():
     from fedtune.modeling import build_model
     from fedtune.presets import resolve
 
-    cfg = resolve("quick", overrides={"adapter": "sparse", "sparse-density": "0.05", "local-steps": "3"})
+    cfg = resolve("tiny", overrides={"adapter": "sparse", "sparse-density": "0.05", "local-steps": "3"})
     return cfg, build_model(cfg.model, load_dataset(cfg.data).num_labels)
 
 
@@ -324,7 +324,7 @@ def test_dp_sgd_trains_the_seeded_entries_only():
     from fedtune.sparse.layer import sparse_layers
     from fedtune.sparse.train import train_sparse_client
 
-    cfg = resolve("quick", overrides={"adapter": "sparse", "sparse-selection": "random", "sparse-density": "0.05",
+    cfg = resolve("tiny", overrides={"adapter": "sparse", "sparse-selection": "random", "sparse-density": "0.05",
                                       "dp": "sample", "noise-multiplier": "1.0", "head-init": "random",
                                       "local-steps": "2"})
     w = get_worker(cfg, 0)

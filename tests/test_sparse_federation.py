@@ -115,7 +115,7 @@ def test_sparse_run_through_flower_and_export(tmp_path):
     from fedtune.simulations.simulate import simulate
     from fedtune.sparse.select import num_entries, random_mask
 
-    cfg = resolve("quick", overrides={**SMALL, "adapter": "sparse", "sparse-selection": "random",
+    cfg = resolve("tiny", overrides={**SMALL, "adapter": "sparse", "sparse-selection": "random",
                                       "sparse-density": "0.05", "compression": "int8"})
     summary = simulate(cfg, tmp_path / "run", progress=lambda row: None)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -154,7 +154,7 @@ def test_lora_with_dare_and_error_feedback_through_flower(tmp_path):
     from fedtune.presets import resolve
     from fedtune.simulations.simulate import simulate
 
-    plain = resolve("quick", overrides=SMALL)
+    plain = resolve("tiny", overrides=SMALL)
     dare = plain.replace(**{"compression": "dare", "dare-p": "0.5", "error-feedback": "true"})
     a = simulate(plain, tmp_path / "plain", progress=lambda row: None)
     b = simulate(dare, tmp_path / "dare", progress=lambda row: None)

@@ -2,7 +2,7 @@
 connection to the SuperLink.
 
 The app holds only a ``pyproject.toml``: its components point at the installed package
-(``fedtune.server.deployed:app``, ``fedtune.client.app:app``), so the FAB is a few hundred
+(``fedtune.server.deployed:app``, ``fedtune.client.proxy:app``), so the FAB is a few hundred
 bytes, and it declares no dependencies, so nothing is synced into a fresh environment (the
 SuperLink also runs with ``--disable-runtime-dependency-installation``; SuperNodes do not
 install by default). ``[tool.flwr.app.config]`` lists every fedtune key of the run plus
@@ -45,7 +45,7 @@ def write_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, resume: b
                     "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "fedtune",
-            "components": {"serverapp": "fedtune.server.deployed:app", "clientapp": "fedtune.client.app:app"},
+            "components": {"serverapp": "fedtune.server.deployed:app", "clientapp": "fedtune.client.proxy:app"},
             "config": run_config_toml(cfg, run_dir, resume),
         }}},
     }

@@ -84,11 +84,21 @@ def state_dir(opts: JoinOptions) -> Path:
 
 
 def join(opts: JoinOptions) -> None:
-    """Validate, then become the SuperNode (exec: signals reach Flower's process directly)."""
+    """Validate, start the node's long-lived worker (fedtune/client/service.py: it keeps the
+    model, data and DP state across rounds), then become the SuperNode (exec: signals reach
+    Flower's process directly; the worker ends with it)."""
     if opts.data and Path(opts.data).is_file():
         opts = replace(opts, data=str(Path(opts.data).resolve()))
     check(opts)
     cmd = command(opts)
     home = state_dir(opts)
     home.mkdir(parents=True, exist_ok=True)
-    os.execve(cmd[0], cmd, P.flower_env(home))
+    from fedtune.client import service
+
+    folder = service.prepare(home / "worker")
+    service.spawn(folder, os.getpid(), follow_parent=True)  # this pid stays the SuperNode's after exec
+    env = {service.ENV: str(folder), service.NODE_PID_ENV: str(os.getpid()),
+           # SuperExec asks the SuperNode for new tasks every second by default: a tenth of that
+           # is cheap on loopback and takes most of a second off every message
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")}
+    os.execve(cmd[0], cmd, P.flower_env(home, env))

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client", type=int, default=None, metavar="ID",
                    help="export client ID's personalised model (fedsa: global A + its own B) instead of the global one")
     p.add_argument("--examples", type=int, default=256, help="held-out test examples to verify on (default 256)")
-    p.add_argument("--max-abs-diff", type=float, default=1e-4, help="fp32 parity tolerance on logits (default 1e-4)")
+    p.add_argument("--max-abs-diff", type=float, default=1e-4, help="fp32 parity tolerance on logits, relative: |dlogit| <= F x max(1, largest |logit|) "
+                   "(default 1e-4)")
     p.add_argument("--latency-runs", type=int, default=50, help="timed runs per batch size and engine (default 50)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime (default 1)")
     p.set_defaults(func=cmd_export)

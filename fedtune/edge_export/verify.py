@@ -49,10 +49,21 @@ def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray) -> dict[
     diff = np.abs(reference - got)
     return {
         "max_abs_diff": float(diff.max()),
+        "logit_scale": logit_scale(reference),
         "mean_abs_diff": float(diff.mean()),
         "argmax_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
         "accuracy": accuracy(got, labels),
     }
+
+
+def logit_scale(reference: np.ndarray) -> float:
+    """max(1, the largest |logit| of the reference): fp32 round-off grows with the logits' size."""
+    return max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
+
+
+def within_tolerance(max_abs_diff: float, scale: float, rtol: float) -> bool:
+    """The parity gate: |dlogit| <= rtol x max(1, largest |logit|); False for NaN."""
+    return bool(max_abs_diff <= rtol * scale)
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
