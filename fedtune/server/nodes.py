@@ -21,6 +21,7 @@ from fedtune.config import RunConfig
 from fedtune.profiles import DEFAULT, Profile, lookup
 
 WHOAMI = "query.whoami"
+PULL_INTERVAL = 0.1  # seconds between reply polls (Flower's HTTP grid waits 3 s: most of a short deployed round)
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
@@ -67,6 +68,20 @@ class OrderedGrid:
         ids = list(self._grid.get_node_ids())
         known = self.members
         return sorted(ids, key=lambda n: (n not in known, known[n].client if n in known else 0, n))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Flower's push-then-pull loop (``Grid.send_and_receive``) on the grid's own
+        ``push_messages`` / ``pull_messages``, polling every ``PULL_INTERVAL`` seconds."""
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while pending and (timeout is None or time.monotonic() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(PULL_INTERVAL)
+        return replies
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
