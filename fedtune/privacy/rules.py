@@ -6,6 +6,9 @@ or the partitions built run in :func:`fedtune.privacy.federation.preflight`.
 
 Refused (one-line ConfigError):
 
+- any ``dp`` with ``head-init=ridge``: the closed-form head needs each client's d x d feature
+  scatter, a second moment released without noise (a private version would need its own
+  noise on a d x d matrix and its own accounting, which fedtune does not implement);
 - client-level ``dp`` with ``head-init=ncm``: the FedNCM head is built from per-class feature
   sums of the clients' private examples, outside the clipped and noised updates (under
   ``dp=sample`` the head is released with its own Gaussian noise and accounted:
@@ -47,6 +50,11 @@ def check_composition(cfg: RunConfig) -> None:
     p = cfg.privacy
     if p.dp == "none":
         return
+    if cfg.train.head_init == "ridge":
+        raise ConfigError(
+            f"bad value head-init='ridge' with dp={p.dp}: the closed-form head needs each client's feature "
+            "second moment, which is released without noise; use head-init=ncm (dp=sample privatises it) or random"
+        )
     if cfg.train.head_init == "ncm" and p.client_level:
         raise ConfigError(
             f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids would be released outside "
