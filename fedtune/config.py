@@ -107,11 +107,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up within each local run
     eval_batch_size: int = 64
-    head_init: str = "ncm"  # ncm: federated class-centroid head before round 1 (FedNCM) | ridge (Fed3R) | random
-    head_init_examples: int = 256  # per client, for the centroids
-    head_logit_scale: float = 4.0
+    # before round 1: ridge = exact closed-form shrinkage-LDA head (Fed3R) | ncm = class centroids (FedNCM) | random
+    head_init: str = "ridge"
+    head_init_examples: int = 256  # per client, for the head's statistics
+    head_logit_scale: float = 16.0  # ncm: logits = this x cosine-like scores (4 left the head under-confident: a dip)
     head_shrinkage: float | None = None  # ridge: weight of the identity in the shrunk covariance; unset = OAS
-    head_ridge_scale: float = 1.0  # ridge: logits = this x the LDA log posterior (1 = as fitted)
+    head_ridge_scale: float = 0.3  # ridge: logits = this x the LDA log posterior (fitted LDA is over-confident)
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
