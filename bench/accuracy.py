@@ -64,7 +64,8 @@ def main() -> None:
     from fedtune.simulations.centralized import centralized
     from fedtune.simulations.simulate import simulate
 
-    kinds = ["fedtune defaults", *(["naive FedAvg (random head, one lr)"] if args.naive else []), "centralized, same steps"]
+    naive = ["naive FedAvg (random head, one lr)"] if args.naive else []
+    kinds = ["fedtune defaults", *naive, "centralized, same steps"]
     curves: dict[tuple[str, str], list[list[float]]] = {}  # (partition, kind) -> per seed: accuracy per round
     spr: dict[tuple[str, str], list[float]] = {}
     cfg = None

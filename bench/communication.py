@@ -98,7 +98,8 @@ def main() -> None:
         acc = sum(finals[name].values()) / len(runs)
         points[name] = (up, acc)
         rows.append([LABELS[name], common.fmt_ci([m[-1]["accuracy"] for m in metrics]),
-                     common.fmt_ci([m[-1]["loss"] for m in metrics], 4), common.fmt_ci([m[0]["accuracy"] for m in metrics]),
+                     common.fmt_ci([m[-1]["loss"] for m in metrics], 4),
+                     common.fmt_ci([m[0]["accuracy"] for m in metrics]),
                      f"{up / 1e3:.1f}", f"{100 * up / full_bytes:.3f}%", f"{down / 1e3:.1f}", f"{saved['rounds']}",
                      len(runs)])
     rows.insert(0, ["full-model FedAvg (computed)", "-", "-", "-", f"{full_bytes / 1e3:.0f}", "100%",

@@ -242,5 +242,6 @@ def client_head_stats(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: 
     ``head-init-examples`` of its examples (the local order is already a seeded shuffle)."""
     n = min(len(enc), cfg.head_init_examples)
     sub = Encoded(enc.ids[:n], enc.labels[:n])
-    stats = HEAD_INITS.get(cfg.head_init).stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
+    build_stats = HEAD_INITS.get(cfg.head_init).stats
+    stats = build_stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
     return {k: v.float() for k, v in stats.items()}, n

@@ -61,7 +61,8 @@ def test_head_init_choices_are_the_registry_plus_random():
         build_config({"head-shrinkage": "1.5"})
 
 
-@pytest.mark.parametrize("dp", [{"dp": "sample", "target-epsilon": "8"}, {"dp": "client-fixed", "noise-multiplier": "1"}])
+@pytest.mark.parametrize("dp", [{"dp": "sample", "target-epsilon": "8"},
+                                {"dp": "client-fixed", "noise-multiplier": "1"}])
 def test_ridge_head_refused_under_dp(dp):
     with pytest.raises(ConfigError, match="head-init='ridge' with dp=.*second moment"):
         build_config({"head-init": "ridge", **dp})

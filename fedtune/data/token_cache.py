@@ -33,8 +33,10 @@ def cache_key(tokenizer, texts, labels: np.ndarray, max_length: int) -> str:
     return h.hexdigest()[:32]
 
 
-def cached(tokenizer, texts, labels: np.ndarray, max_length: int,
-           encode: Callable[[], tuple[tuple[np.ndarray, ...], np.ndarray]]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+Ids = tuple[tuple[np.ndarray, ...], np.ndarray]  # (token ids per text, labels)
+
+
+def cached(tokenizer, texts, labels: np.ndarray, max_length: int, encode: Callable[[], Ids]) -> Ids:
     """(ids, labels) from the cache under $FEDTUNE_TOKEN_CACHE, else ``encode()`` (stored
     there when the variable is set; written atomically, so concurrent actors are safe)."""
     root = os.environ.get(ENV)
