@@ -140,3 +140,30 @@ def test_oas_shrinkage_hand_computed():
     assert oas_shrinkage(cov, 7) == pytest.approx(0.5)
     assert oas_shrinkage(cov, 1) == 1.0  # capped
     assert oas_shrinkage(torch.eye(3, dtype=torch.float64), 10) == 1.0  # already isotropic
+
+
+def test_clients_ridge_statistics_through_the_wire_give_the_pooled_head():
+    """The clients' head_init answers (float32 statistics of their own rows) build the head a
+    centralized fit on all their rows gives: the same predictions, logits equal to float32 precision."""
+    from fedtune.client.worker import get_worker
+    from fedtune.head_init import HEAD_INITS, client_head_stats, head_features
+    from fedtune.presets import resolve
+
+    cfg = resolve("quick", overrides={"head-init": "ridge", "head-init-examples": "100000", "dirichlet-alpha": "0.1",
+                                      "max-length": "16", "head-shrinkage": "0.2"})
+    parts, xs, ys = [], [], []
+    for c in range(cfg.partition.num_clients):
+        w = get_worker(cfg, c)
+        stats, n = client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)
+        assert n == len(w.data.train) and stats["scatter"].dtype == torch.float32
+        parts.append(stats)
+        x, y = head_features(w.model, w.data.train, 64, w.pad_id)
+        xs.append(x)
+        ys.append(y)
+    weight, bias = HEAD_INITS.get("ridge").build(parts, cfg.train)
+    x, y = torch.cat(xs), torch.cat(ys)
+    wc, bc = _centralized_lda(x, y, 20, 0.2)
+    ours, theirs = x @ weight.double().T + bias.double(), cfg.train.head_ridge_scale * (x @ wc.T + bc)
+    ours, theirs = ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
