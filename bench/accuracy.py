@@ -98,7 +98,7 @@ def main() -> None:
     body = "\n".join([
         "## Federated accuracy vs the centralized ceiling (`bench/accuracy.py`)",
         "",
-        f"all-MiniLM-L6-v2 + LoRA r={cfg.model.lora_rank} ({', '.join(cfg.model.target_modules)}), 20 Newsgroups, "
+        f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank} ({', '.join(cfg.model.target_modules)}), 20 Newsgroups, "
         f"{tr.local_steps} local steps x batch {tr.batch_size} per round, max-length {cfg.data.max_length}, "
         f"head-init={tr.head_init}; partitions: Dirichlet(alpha) over labels with "
         f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
