@@ -170,8 +170,10 @@ def ridge_head(
     sums: Sequence[Tensor], counts: Sequence[Tensor], scatters: Sequence[Tensor],
     shrinkage: float | None = None, logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, float]:
-    """Pooled statistics -> (weight [C, d], bias [C], g) of a shrinkage-LDA head (float64), the
-    closed-form classifier that Fed3R (Fani et al., 2024) builds from the same statistics:
+    """Pooled statistics -> (weight [C, d], bias [C], g) of a shrinkage-LDA head (float64). Fed3R
+    (Fani et al., 2024) aggregates the same second moment and fits ridge regression to one-hot
+    targets; LDA (the covariance ridge-regularised toward a scaled identity) adds class priors
+    and log-posterior logits, which fine-tuning then starts from:
 
         logits_c(x) = logit_scale * ((m_c - mu)^T P (x - mu) - 1/2 (m_c - mu)^T P (m_c - mu) + log pi_c)
 
@@ -191,6 +193,10 @@ def ridge_head(
     target = max(float(torch.trace(cov)) / d, 1e-12)
     sigma = (1.0 - g) * cov + g * target * torch.eye(d, dtype=torch.float64)
     dc = torch.where(seen[:, None], means - mu, torch.zeros_like(means))  # [C, d]
+    eig = torch.linalg.eigvalsh(sigma)  # ascending
+    if float(eig[0]) <= 1e-10 * max(float(eig[-1]), 1e-300):
+        raise ValueError(f"the shrunk covariance is singular at shrinkage {g:g} ({int(big_n)} examples, "
+                         f"{d} features): set head-shrinkage above 0 (or leave it unset: OAS)")
     weight = torch.linalg.solve(sigma, dc.T).T  # [C, d]: rows P (m_c - mu)
     prior = torch.where(seen, n, torch.full_like(n, 0.5)) / big_n
     bias = -0.5 * (weight * dc).sum(1) + prior.log() - weight @ mu

@@ -130,6 +130,9 @@ def test_ridge_head_unseen_class_and_logit_scale():
     w2, b2, _ = ridge_head([s], [c], [m], shrinkage=0.2, logit_scale=0.5)
     assert torch.equal(w[3], torch.zeros(7)) and torch.allclose(w2, 0.5 * w) and torch.allclose(b2, 0.5 * b)
     assert ((x @ w.T + b).argmax(1) != 3).all()
+    few = feature_moments(x[:3], y[:3], 4)  # 3 rows, 7 features: singular without shrinkage
+    with pytest.raises(ValueError, match="singular at shrinkage 0"):
+        ridge_head([few[0]], [few[1]], [few[2]], shrinkage=0.0)
     with pytest.raises(ValueError, match="no examples"):
         pooled_moments([torch.zeros(2, 3)], [torch.zeros(2)], [torch.zeros(3, 3)])
 
