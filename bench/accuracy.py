@@ -1,12 +1,21 @@
 """Federated accuracy against the centralized ceiling, at equal passes over the data.
 
-Runs, on the same data, model, adapter and budget:
-  - fedtune's defaults (FedNCM head init, separate head learning rate);
-  - the same federation with naive settings (random head, one learning rate: what a plain
-    Flower + peft FedAvg does);
+Runs, on the same data, model, adapter and budget, for each partition and seed:
+  - fedtune's defaults (closed-form or FedNCM head init, separate head learning rate);
+  - optionally (``--naive``) the same federation with naive settings (random head, one
+    learning rate: what a plain Flower + peft FedAvg does);
   - the centralized ceiling (`fedtune centralized`: pooled data, same optimizer steps).
 
-    .venv/bin/python bench/accuracy.py [--eval-size 2000] [--set key=value ...]
+Every run goes to the largest of ``--rounds`` and is read at each of them (local training
+does not depend on the total number of rounds, so round 4 of an 8-round run is the 4-round
+run). With ``--seeds N`` each cell is the mean ± the 95% Student-t interval over run seeds
+0..N-1 (the seed draws the partition, the adapter's init and the client sampling; the test
+slice is fixed).
+
+    .venv/bin/python bench/accuracy.py --seeds 3 --rounds 4,8 --eval-size 2000       # the full benchmark
+    .venv/bin/python bench/accuracy.py --partitions dirichlet-0.5 --rounds 4          # one partition, one seed
+    .venv/bin/python bench/accuracy.py --set model=tiny --set train-size=400 --rounds 1,2 --seeds 2 \\
+        --partitions dirichlet-0.5,natural --eval-size 100 --no-write                # plumbing
 """
 
 from __future__ import annotations
@@ -20,53 +29,96 @@ from fedtune.config import parse_set
 from fedtune.presets import resolve
 
 NAIVE = {"head-init": "random", "head-lr": "2e-3"}
+PARTITIONS = ("dirichlet-0.5", "dirichlet-0.1", "natural")
+
+
+def partition_overrides(name: str, base: dict) -> dict:
+    """'dirichlet-0.1' -> Dirichlet(0.1) over labels; 'natural' -> one client per topic group
+    (num-clients = the number of groups in the training pool); 'iid'."""
+    if name.startswith("dirichlet-"):
+        return {"partition": "dirichlet", "dirichlet-alpha": name.removeprefix("dirichlet-")}
+    if name == "natural":
+        from fedtune.data.partition import train_pool
+
+        cfg = resolve("default", overrides=base)
+        return {"partition": "natural", "num-clients": str(len(set(train_pool(cfg.data, cfg.federation.seed).groups)))}
+    if name == "iid":
+        return {"partition": "iid"}
+    raise SystemExit(f"unknown partition {name!r}: use dirichlet-ALPHA, natural or iid")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="2000")
+    ap.add_argument("--seeds", type=int, default=1, help="run seeds per cell (mean ± 95%% CI)")
+    ap.add_argument("--rounds", default="4", help="comma-separated round counts to report (runs go to the largest)")
+    ap.add_argument("--partitions", default=",".join(PARTITIONS))
+    ap.add_argument("--naive", action="store_true", help="also run naive FedAvg (random head, one lr)")
+    ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    base = {"eval-size": args.eval_size, **parse_set(args.set)}
+    report = sorted({int(r) for r in args.rounds.split(",")})
+    base = {"eval-size": args.eval_size, **parse_set(args.set), "rounds": str(report[-1])}
 
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.centralized import centralized
     from fedtune.simulations.simulate import simulate
 
-    results = {}
-    for name, extra in (("fedtune defaults", {}), ("naive FedAvg (random head, one lr)", NAIVE)):
-        cfg = resolve("default", overrides={**base, **extra})
-        out = tempfile.mkdtemp(prefix="fedtune-acc-")
-        print(f"== {name}", flush=True)
-        summary = simulate(cfg, out)
-        results[name] = ([r["accuracy"] for r in RunDir(out).metrics()], summary["seconds_per_round"])
-    cfg = resolve("default", overrides=base)
-    out = tempfile.mkdtemp(prefix="fedtune-central-")
-    print("== centralized", flush=True)
-    central = centralized(cfg, out)
-    results["centralized, same steps"] = ([r["accuracy"] for r in RunDir(out).metrics()], None)
+    naive = ["naive FedAvg (random head, one lr)"] if args.naive else []
+    kinds = ["fedtune defaults", *naive, "centralized, same steps"]
+    curves: dict[tuple[str, str], list[list[float]]] = {}  # (partition, kind) -> per seed: accuracy per round
+    spr: dict[tuple[str, str], list[float]] = {}
+    cfg = None
+    for part in args.partitions.split(","):
+        for i in range(args.seeds):
+            flat = common.seed_overrides({**base, **partition_overrides(part, base)}, i)
+            for kind in kinds:
+                cfg = resolve("default", overrides={**flat, **(NAIVE if kind.startswith("naive") else {})})
+                print(f"== {part} seed {cfg.federation.seed}: {kind}", flush=True)
+                if kind.startswith("centralized"):
+                    out = tempfile.mkdtemp(prefix="fedtune-central-")
+                    centralized(cfg, out)
+                else:
+                    out = tempfile.mkdtemp(prefix="fedtune-acc-")
+                    spr.setdefault((part, kind), []).append(simulate(cfg, out)["seconds_per_round"])
+                curves.setdefault((part, kind), []).append([r["accuracy"] for r in RunDir(out).metrics()])
+    assert cfg is not None
 
-    rounds = cfg.federation.rounds
-    rows = [[name, *[f"{a:.3f}" for a in accs], f"{spr:.1f}" if spr else "-"] for name, (accs, spr) in results.items()]
-    ceiling = central["final_accuracy"]
-    best = results["fedtune defaults"][0][-1]
-    naive = results["naive FedAvg (random head, one lr)"][0][-1]
+    header = ["partition", "run", "round 0", *[f"round {r}" for r in report], "s/round"]
+    rows, gaps = [], []
+    for (part, kind), runs in curves.items():
+        cells = [common.fmt_ci([acc[r] for acc in runs]) for r in (0, *report)]
+        rows.append([part, kind, *cells, f"{sum(spr[(part, kind)]) / len(runs):.1f}" if (part, kind) in spr else "-"])
+    for part in args.partitions.split(","):
+        fed, cen = curves[(part, "fedtune defaults")], curves[(part, "centralized, same steps")]
+        for r in report:  # paired by seed: same partition, same data order
+            diffs = [f[r] - c[r] for f, c in zip(fed, cen)]
+            gaps.append([part, r, common.fmt_ci(diffs, 1, scale=100)])
+    tr = cfg.train
     body = "\n".join([
         "## Federated accuracy vs the centralized ceiling (`bench/accuracy.py`)",
         "",
-        f"all-MiniLM-L6-v2 + LoRA r={cfg.model.lora_rank} ({', '.join(cfg.model.target_modules)}), 20 Newsgroups, "
-        f"{cfg.partition.num_clients} Dirichlet({cfg.partition.dirichlet_alpha}) clients, {rounds} rounds x "
-        f"{cfg.train.local_steps} local steps x batch {cfg.train.batch_size}, max-length {cfg.data.max_length}; "
-        f"accuracy on a fixed {cfg.data.eval_size}-example slice of the test split. Centralized = the same adapter on "
-        "the pooled data with the same number of optimizer steps (equal passes), evaluated at each round-equivalent.",
+        f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank} ({', '.join(cfg.model.target_modules)}), 20 Newsgroups, "
+        f"{tr.local_steps} local steps x batch {tr.batch_size} per round, max-length {cfg.data.max_length}, "
+        f"head-init={tr.head_init}; partitions: Dirichlet(alpha) over labels with "
+        f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
+        f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
+        f"{args.seeds} run seed(s) per cell, mean ± 95% Student-t interval. Centralized = the same adapter on the "
+        "pooled data with the same number of optimizer steps (equal passes, random head), evaluated at each "
+        "round-equivalent.",
         "",
-        common.table(["run", *[f"round {r}" for r in range(rounds + 1)], "s/round"], rows),
+        common.table(header, rows),
         "",
-        f"Gap to the ceiling after {rounds} rounds: fedtune {100 * (ceiling - best):.1f} points, naive FedAvg "
-        f"{100 * (ceiling - naive):.1f} points. (Reference given in our brief: plain Flower + peft FedAvg reached 0.26 "
-        "vs 0.73 centralized in 4 rounds, ~90 s a round on 2 cores.)",
+        "Federated minus centralized, in points (paired by seed):",
+        "",
+        common.table(["partition", "rounds", "fed - central (points)"], gaps),
+        "",
+        f"Command: `.venv/bin/python bench/accuracy.py --seeds {args.seeds} --rounds {args.rounds} "
+        f"--partitions {args.partitions} --eval-size {args.eval_size}"
+        + "".join(f" --set {s}" for s in args.set) + (" --naive" if args.naive else "") + "`",
     ])
-    common.write_section("accuracy", body)
+    if not args.no_write:
+        common.write_section("accuracy", body)
     print(body)
 
 

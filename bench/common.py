@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+# tokenized splits, reused across runs and seeds (fedtune/data/token_cache.py)
+os.environ.setdefault("FEDTUNE_TOKEN_CACHE", str(Path(__file__).resolve().parent.parent / "runs" / "token-cache"))
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; rerun it to refresh its section.\n"
@@ -59,3 +61,31 @@ def figure(png: Path, figsize: tuple[float, float] = (7, 4), **legend) -> Iterat
         fig.savefig(png, dpi=110)
     finally:
         plt.close(fig)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided Student-t confidence interval at ``level``) over
+    seeds; the half-width is nan for a single value."""
+    import statistics
+
+    from scipy.stats import t
+
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return mean, float("nan")
+    return mean, float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(values) / n ** 0.5
+
+
+def fmt_ci(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+    """'0.684 ± 0.012' (mean ± 95% CI half-width over seeds), or '0.684' for one seed."""
+    mean, half = mean_ci([scale * v for v in values])
+    return f"{mean:.{digits}f}" if half != half else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def seed_overrides(base: dict, i: int) -> dict:
+    """``base`` for the ``i``-th seed: run seed = ``--set seed`` (default 0) + i. The seed sets
+    the partition, the adapter's init and the client sampling; the test slice stays fixed."""
+    return {**base, "seed": str(int(base.get("seed", 0)) + i)}

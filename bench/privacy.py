@@ -2,9 +2,10 @@
 
 Every run uses the same data, clients, rounds, local steps and seed; only ``dp`` and
 ``target-epsilon`` change: inf is the ``default`` preset (no DP), every epsilon the ``private``
-preset (``dp=sample``, half the learning rates) at that ``target-epsilon``. Every run starts from a FedNCM
-head: the exact one at inf, the private one under DP (noisy unit-feature class sums,
-accounted in the same budget: docs/privacy.md). FFA-LoRA (``strategy=ffa``) freezes A and
+preset (``dp=sample``, half the learning rates) at that ``target-epsilon``. Every run starts from a
+closed-form head: the default one at inf (``head-init=ridge`` since issue 18; FedNCM before), the
+private FedNCM head under DP (noisy unit-feature class sums, accounted in the same budget:
+docs/privacy.md). FFA-LoRA (``strategy=ffa``) freezes A and
 trains only B and the head, so DP-SGD noises fewer coordinates. Step time: one client's
 ``train_local`` against ``train_local_dp`` (per-example gradients, clipping, noise) on the same
 model and data, in this process, after one warm-up run each.
@@ -223,8 +224,9 @@ def main() -> None:
         f"{cfg.partition.partition} clients, {fed.rounds} rounds. At inf (`--preset default`): {tr.local_steps} "
         f"local steps of batch {tr.batch_size}, lr {tr.lr} / head {tr.head_lr}. Under DP (`--preset private`): "
         f"{pcfg.train.local_steps} local steps of expected (Poisson) batch {pcfg.train.batch_size}, lr "
-        f"{pcfg.train.lr} / head {pcfg.train.head_lr}. Every run starts from a FedNCM head: exact at inf "
-        f"({tr.head_init_examples} rows per client), private under DP (noisy unit-feature class sums of all rows, "
+        f"{pcfg.train.lr} / head {pcfg.train.head_lr}. Head before round 1: at inf `head-init={tr.head_init}` "
+        f"({tr.head_init_examples} rows per client), under DP the private FedNCM head (noisy unit-feature class "
+        "sums of all rows, "
         f"spending `dp-head-share` = {pcfg.privacy.dp_head_share} of the target alone). DP-SGD per client "
         f"(`dp=sample`, delta {cfg.privacy.delta}, max-grad-norm {cfg.privacy.max_grad_norm}, {cfg.privacy.accountant} "
         f"accountant), sigma calibrated per client so that the head release and all {fed.rounds} rounds together "

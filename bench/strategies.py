@@ -4,9 +4,10 @@
 client id: gpu-large r16, gpu-small r8, cpu-mid r4 on the deepest 4 layers, cpu-edge r2 on the
 deepest 3), the same rounds and local work for every strategy, against homogeneous FedAvg at
 rank 16 and at rank 2 and the centralized ceiling (pooled data, same steps, rank 16).
+With ``--seeds N`` every cell is the mean ± the 95% Student-t interval over run seeds 0..N-1.
 Writes a table to docs/benchmarks.md (section "strategies") and docs/bench-strategies.png.
 
-    .venv/bin/python bench/strategies.py [--eval-size 500] [--strategies a,b] [--set key=value ...]
+    .venv/bin/python bench/strategies.py [--eval-size 500] [--seeds 3] [--strategies a,b] [--set key=value ...]
     .venv/bin/python bench/strategies.py --set model=tiny --set rounds=1 --set train-size=400   # plumbing check
 """
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="500")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--seeds", type=int, default=1, help="run seeds per run (mean ± 95%% CI)")
+    ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     base = {"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5", "eval-size": args.eval_size,
@@ -51,27 +54,37 @@ def main() -> None:
     runs = {name: {**base, **PROFILES, "strategy": name} for name in args.strategies.split(",")}
     runs["homogeneous fedavg r16"] = {**base, "lora-rank": "16"}
     runs["homogeneous fedavg r2"] = {**base, "lora-rank": "2"}
-    results = {}
-    for name, flat in runs.items():
-        cfg = resolve("default", overrides=flat)
-        out = tempfile.mkdtemp(prefix="fedtune-strat-")
-        print(f"== {name}", flush=True)
-        summary = simulate(cfg, out)
-        results[name] = (RunDir(out).metrics(), summary)
-    cfg = resolve("default", overrides={**base, "lora-rank": "16"})
-    print("== centralized", flush=True)
-    ceiling = centralized(cfg, tempfile.mkdtemp(prefix="fedtune-strat-central-"))["final_accuracy"]
+    results: dict[str, list[tuple[list[dict], dict]]] = {}  # name -> per seed: (metrics, summary)
+    ceilings = []
+    for i in range(args.seeds):
+        for name, flat in runs.items():
+            cfg = resolve("default", overrides=common.seed_overrides(flat, i))
+            out = tempfile.mkdtemp(prefix="fedtune-strat-")
+            print(f"== {name} (seed {cfg.federation.seed})", flush=True)
+            summary = simulate(cfg, out)
+            results.setdefault(name, []).append((RunDir(out).metrics(), summary))
+        cfg = resolve("default", overrides=common.seed_overrides({**base, "lora-rank": "16"}, i))
+        print(f"== centralized (seed {cfg.federation.seed})", flush=True)
+        ceilings.append(centralized(cfg, tempfile.mkdtemp(prefix="fedtune-strat-central-"))["final_accuracy"])
 
     ranks = [16, 8, 4, 2]
     rows = []
-    for name, (metrics, summary) in results.items():
-        last = metrics[-1]
-        per_rank = [f"{last[f'accuracy_rank_{r}']:.3f}" if f"accuracy_rank_{r}" in last else "-" for r in ranks]
-        rows.append([name, f"{last['accuracy']:.3f}", f"{summary['best_accuracy']:.3f}", *per_rank,
-                     f"{summary['bytes_up_total'] / 1e6:.2f}", f"{summary['bytes_down_total'] / 1e6:.2f}",
-                     f"{summary['seconds_per_round']:.1f}"])
-    rows.append(["centralized r16 (ceiling)", f"{ceiling:.3f}", "-", *["-"] * len(ranks), "-", "-", "-"])
-    plot({name: [r["accuracy"] for r in m] for name, (m, _) in results.items()}, ceiling)
+    ci = common.fmt_ci
+    for name, seeds in results.items():
+        lasts = [m[-1] for m, _ in seeds]
+        per_rank = [ci([last[f"accuracy_rank_{r}"] for last in lasts]) if f"accuracy_rank_{r}" in lasts[0] else "-"
+                    for r in ranks]
+        dip = [min(r["accuracy"] for r in m[1:]) - m[0]["accuracy"] for m, _ in seeds]  # worst round vs round 0
+        rows.append([name, ci([m[0]["accuracy"] for m, _ in seeds]), ci([last["accuracy"] for last in lasts]),
+                     ci([s["best_accuracy"] for _, s in seeds]), ci(dip, 1, scale=100), *per_rank,
+                     f"{sum(s['bytes_up_total'] for _, s in seeds) / len(seeds) / 1e6:.2f}",
+                     f"{sum(s['bytes_down_total'] for _, s in seeds) / len(seeds) / 1e6:.2f}",
+                     f"{sum(s['seconds_per_round'] for _, s in seeds) / len(seeds):.1f}"])
+    rows.append(["centralized r16 (ceiling)", "-", ci(ceilings), "-", "-", *["-"] * len(ranks), "-", "-", "-"])
+    ceiling = sum(ceilings) / len(ceilings)
+    if not args.no_write:
+        plot({name: [sum(m[r]["accuracy"] for m, _ in seeds) / len(seeds) for r in range(len(seeds[0][0]))]
+              for name, seeds in results.items()}, ceiling)
 
     fed = cfg.federation
     body = "\n".join([
@@ -80,16 +93,23 @@ def main() -> None:
         f"Model `{cfg.model.model}`, 20 Newsgroups, {cfg.partition.num_clients} Dirichlet({cfg.partition.dirichlet_alpha}) "
         f"clients in four profiles (round-robin by client id): gpu-large r16, gpu-small r8, cpu-mid r4 (deepest 4 "
         f"layers), cpu-edge r2 (deepest 3 layers, batch 8); lora-alpha {cfg.model.lora_alpha}, {fed.rounds} rounds x "
-        f"{cfg.train.local_steps} local steps; accuracy on a fixed {cfg.data.eval_size}-example test slice. "
+        f"{cfg.train.local_steps} local steps; accuracy on a fixed {cfg.data.eval_size or 'whole'}-example test slice; "
+        f"{args.seeds} run seed(s), mean ± 95% Student-t interval; `worst - r0` = the lowest round after 0 minus "
+        "round 0, in points (negative: a dip below the starting head). "
         "`rank r` = the model a client of that rank actually runs (its slice / truncation / own B group mean), "
         "evaluated on the same slice; bytes = all rounds, head initialisation included. What each strategy sends: "
         "[docs/strategies.md](strategies.md).",
         "",
-        common.table(["run", "final acc", "best acc", *[f"rank {r}" for r in ranks], "MB up", "MB down", "s/round"], rows),
+        common.table(["run", "round 0", "final acc", "best acc", "worst - r0", *[f"rank {r}" for r in ranks],
+                      "MB up", "MB down", "s/round"], rows),
         "",
-        f"![accuracy per round]({PNG.name})",
+        f"Command: `.venv/bin/python bench/strategies.py --seeds {args.seeds} --eval-size {args.eval_size}"
+        f" --strategies {args.strategies}" + "".join(f" --set {s}" for s in args.set) + "`",
+        "",
+        f"![accuracy per round (mean over seeds)]({PNG.name})",
     ])
-    common.write_section("strategies", body)
+    if not args.no_write:
+        common.write_section("strategies", body)
     print(body)
 
 

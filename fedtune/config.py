@@ -105,6 +105,9 @@ class ModelConfig:
         _require(self.cpu_autocast in ("auto", "off"), "cpu-autocast", self.cpu_autocast, "must be auto or off")
 
 
+HEAD_INIT_CHOICES = ("ncm", "ridge", "random")  # fedtune.head_init.HEAD_INITS, plus random (no query)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = 6  # optimizer steps per client per round (used when local-epochs = 0)
@@ -115,9 +118,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up within each local run
     eval_batch_size: int = 64
-    head_init: str = "ncm"  # ncm: federated class-centroid head before round 1 (FedNCM) | random
-    head_init_examples: int = 256  # per client, for the centroids
-    head_logit_scale: float = 4.0
+    # before round 1: ridge = exact closed-form shrinkage-LDA head (Fed3R) | ncm = class centroids (FedNCM) | random
+    head_init: str = "ridge"
+    head_init_examples: int = 256  # per client, for the head's statistics
+    head_logit_scale: float = 16.0  # ncm: logits = this x cosine-like scores (4 left the head under-confident: a dip)
+    head_shrinkage: float | None = None  # ridge: weight of the identity in the shrunk covariance; unset = OAS
+    head_ridge_scale: float = 0.3  # ridge: logits = this x the LDA log posterior (fitted LDA is over-confident)
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
@@ -128,9 +134,13 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0")
         _require(self.warmup_steps >= 0, "warmup-steps", self.warmup_steps, "must be >= 0")
         _require(self.eval_batch_size >= 1, "eval-batch-size", self.eval_batch_size, "must be >= 1")
-        _require(self.head_init in ("ncm", "random"), "head-init", self.head_init, "must be ncm or random")
+        _require(self.head_init in HEAD_INIT_CHOICES, "head-init", self.head_init,
+                 f"must be one of {', '.join(HEAD_INIT_CHOICES)}")
         _require(self.head_init_examples >= 1, "head-init-examples", self.head_init_examples, "must be >= 1")
         _require(self.head_logit_scale > 0, "head-logit-scale", self.head_logit_scale, "must be > 0")
+        _require(self.head_shrinkage is None or 0.0 <= self.head_shrinkage <= 1.0, "head-shrinkage",
+                 self.head_shrinkage, "must be in [0, 1] (or unset: OAS)")
+        _require(self.head_ridge_scale > 0, "head-ridge-scale", self.head_ridge_scale, "must be > 0")
 
 
 WEIGHT_BOUNDS = ("clip", "reject")  # what the validate screen does with an example count above its bound

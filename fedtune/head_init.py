@@ -1,20 +1,30 @@
-"""Federated head initialisation from class centroids (FedNCM, Legate et al., 2023,
-"Guiding the Last Layer in Federated Learning with Pre-Trained Models").
+"""Federated head initialisation before round 1, one registry entry per ``head-init``.
 
-Before round 1 each client sends, per class, the sum and count of the features its frozen
-model feeds the classification head (C x d floats + C counts, one message). The server turns
-the pooled centroids into a cosine nearest-class-mean head, so federated fine-tuning starts
-from a head that already separates the classes instead of a random one.
+- ``ncm``: class centroids (FedNCM, Legate et al., 2023, "Guiding the Last Layer in Federated
+  Learning with Pre-Trained Models"). Each client sends, per class, the sum and count of the
+  features its frozen model feeds the classification head (C x d floats + C counts); the
+  server turns the pooled centroids into a cosine nearest-class-mean head.
+- ``ridge``: the exact closed-form head (Fed3R, Fani et al., 2024, "Accelerating
+  Heterogeneous Federated Learning with Closed-form Classifiers"). Clients add their feature
+  scatter (d x d) to the sums and counts; these sufficient statistics add up exactly across
+  clients, so the server's shrinkage-LDA head equals the one fitted on the pooled data,
+  whatever the label skew.
+
+Either way federated fine-tuning starts from a head that already separates the classes
+instead of a random one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from fedtune.device import placement_of, to_device
+from fedtune.config import TrainConfig
+from fedtune.registry import Registry
 from fedtune.training import Encoded, collate
 
 
@@ -97,3 +107,150 @@ def set_head(model: nn.Module, weight: Tensor, bias: Tensor) -> None:
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
+
+
+# -- head-init=ridge: the exact closed-form head (Fed3R; shrinkage LDA) ---------------------
+
+
+def feature_moments(x: Tensor, y: Tensor, num_labels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One client's sufficient statistics of a linear discriminant, all float64:
+    (sums [C, d], counts [C], scatter [d, d]) with scatter = sum_i (x_i - xbar)(x_i - xbar)^T
+    about this client's own mean xbar. Centred locally so that pooling (Chan et al., 1979)
+    never subtracts two large second moments (float32 on the wire stays exact enough)."""
+    x = x.to(torch.float64)
+    sums = torch.zeros(num_labels, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+    counts = torch.bincount(y, minlength=num_labels).to(torch.float64)
+    xc = x - x.mean(0) if len(x) else x
+    return sums, counts, xc.T @ xc
+
+
+def class_feature_moments(
+    model: nn.Module, enc: Encoded, num_labels: int, batch_size: int, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`feature_moments` of the head's input features on ``enc``."""
+    x, y = head_features(model, enc, batch_size, pad_id)
+    return feature_moments(x, y, num_labels)
+
+
+def pooled_moments(
+    sums: Sequence[Tensor], counts: Sequence[Tensor], scatters: Sequence[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Clients' statistics -> (class means [C, d], class counts [C], pooled mean [d],
+    within-class scatter [d, d]): exactly what the pooled data would give, whatever the split.
+
+    total scatter T = sum_k (S_k + n_k (xbar_k - mu)(xbar_k - mu)^T); within-class
+    W = T - sum_c n_c (m_c - mu)(m_c - mu)^T (classes no client holds: mean mu, count 0)."""
+    s = [t.to(torch.float64) for t in sums]
+    c = [t.to(torch.float64) for t in counts]
+    total, n = torch.stack(s).sum(0), torch.stack(c).sum(0)  # [C, d], [C]
+    big_n = float(n.sum())
+    if big_n <= 0:
+        raise ValueError("no examples to initialise the head from")
+    mu = total.sum(0) / big_n
+    scatter = sum(t.to(torch.float64) for t in scatters)
+    for s_k, c_k in zip(s, c):
+        n_k = float(c_k.sum())
+        if n_k > 0:
+            dk = s_k.sum(0) / n_k - mu
+            scatter = scatter + n_k * torch.outer(dk, dk)
+    means = torch.where((n > 0)[:, None], total / n.clamp(min=1)[:, None], mu)
+    dc = means - mu  # [C, d]
+    within = scatter - (dc * n[:, None]).T @ dc
+    return means, n, mu, (within + within.T) / 2
+
+
+def oas_shrinkage(cov: Tensor, n: float) -> float:
+    """Oracle Approximating Shrinkage (Chen et al., 2010, in scikit-learn's form): the weight g
+    of the scaled identity in (1 - g) cov + g tr(cov)/d I, from the covariance alone
+    (Ledoit-Wolf's estimate needs per-example fourth moments, which no client sends)."""
+    d = cov.shape[0]
+    mu, alpha = float(torch.trace(cov)) / d, float((cov * cov).mean())
+    den = (n + 1.0) * (alpha - mu * mu / d)
+    return 1.0 if den <= 0 else min(1.0, (alpha + mu * mu) / den)
+
+
+def ridge_head(
+    sums: Sequence[Tensor], counts: Sequence[Tensor], scatters: Sequence[Tensor],
+    shrinkage: float | None = None, logit_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, float]:
+    """Pooled statistics -> (weight [C, d], bias [C], g) of a shrinkage-LDA head (float64). Fed3R
+    (Fani et al., 2024) aggregates the same second moment and fits ridge regression to one-hot
+    targets; LDA (the covariance ridge-regularised toward a scaled identity) adds class priors
+    and log-posterior logits, which fine-tuning then starts from:
+
+        logits_c(x) = logit_scale * ((m_c - mu)^T P (x - mu) - 1/2 (m_c - mu)^T P (m_c - mu) + log pi_c)
+
+    P the inverse of Sigma = (1 - g) W / N + g tr(W / N) / d I: the pooled within-class
+    covariance (maximum likelihood, as scikit-learn's LDA) shrunk toward a scaled identity;
+    pi_c = n_c / N. At ``logit_scale=1`` this is the Gaussian-LDA log posterior up to a term
+    shared by all classes. ``shrinkage`` g in [0, 1]; None = OAS (:func:`oas_shrinkage`).
+    Classes no client holds get a zero row and the prior of half an example."""
+    means, n, mu, within = pooled_moments(sums, counts, scatters)
+    seen = n > 0
+    big_n = float(n.sum())
+    cov = within / big_n
+    g = oas_shrinkage(cov, big_n) if shrinkage is None else float(shrinkage)
+    if not 0.0 <= g <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {g}")
+    d = cov.shape[0]
+    target = max(float(torch.trace(cov)) / d, 1e-12)
+    sigma = (1.0 - g) * cov + g * target * torch.eye(d, dtype=torch.float64)
+    dc = torch.where(seen[:, None], means - mu, torch.zeros_like(means))  # [C, d]
+    eig = torch.linalg.eigvalsh(sigma)  # ascending
+    if float(eig[0]) <= 1e-10 * max(float(eig[-1]), 1e-300):
+        raise ValueError(f"the shrunk covariance is singular at shrinkage {g:g} ({int(big_n)} examples, "
+                         f"{d} features): set head-shrinkage above 0 (or leave it unset: OAS)")
+    weight = torch.linalg.solve(sigma, dc.T).T  # [C, d]: rows P (m_c - mu)
+    prior = torch.where(seen, n, torch.full_like(n, 0.5)) / big_n
+    bias = -0.5 * (weight * dc).sum(1) + prior.log() - weight @ mu
+    return logit_scale * weight, logit_scale * bias, g
+
+
+# -- the registry: what a client sends, and how the server builds the head from it -----------
+
+Stats = Callable[[nn.Module, Encoded, int, int, int], dict[str, Tensor]]  # (model, enc, C, batch, pad)
+Build = Callable[[list[dict[str, Tensor]], TrainConfig], tuple[Tensor, Tensor]]  # replies -> (weight, bias)
+
+
+@dataclass(frozen=True)
+class HeadInit:
+    stats: Stats  # on the client: float64 statistics of its own examples
+    build: Build  # on the server: the pooled head
+
+
+HEAD_INITS: Registry[HeadInit] = Registry("head-init")  # head-init=random: no entry, no query
+
+
+def _ncm_stats(model: nn.Module, enc: Encoded, num_labels: int, batch_size: int, pad_id: int) -> dict[str, Tensor]:
+    sums, counts, ss = class_feature_sums(model, enc, num_labels, batch_size, pad_id)
+    return {"sums": sums, "counts": counts, "ss": ss}
+
+
+def _ncm_build(parts: list[dict[str, Tensor]], cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    return ncm_head([p["sums"] for p in parts], [p["counts"] for p in parts], [p["ss"] for p in parts],
+                    cfg.head_logit_scale)
+
+
+def _ridge_stats(model: nn.Module, enc: Encoded, num_labels: int, batch_size: int, pad_id: int) -> dict[str, Tensor]:
+    sums, counts, scatter = class_feature_moments(model, enc, num_labels, batch_size, pad_id)
+    return {"sums": sums, "counts": counts, "scatter": scatter}
+
+
+def _ridge_build(parts: list[dict[str, Tensor]], cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    weight, bias, _ = ridge_head([p["sums"] for p in parts], [p["counts"] for p in parts],
+                                 [p["scatter"] for p in parts], cfg.head_shrinkage, cfg.head_ridge_scale)
+    return weight.float(), bias.float()
+
+
+HEAD_INITS.register("ncm")(HeadInit(_ncm_stats, _ncm_build))
+HEAD_INITS.register("ridge")(HeadInit(_ridge_stats, _ridge_build))
+
+
+def client_head_stats(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: int) -> tuple[dict[str, Tensor], int]:
+    """(what this client sends for ``cfg.head_init``, as float32; examples used): on the first
+    ``head-init-examples`` of its examples (the local order is already a seeded shuffle)."""
+    n = min(len(enc), cfg.head_init_examples)
+    sub = Encoded(enc.ids[:n], enc.labels[:n])
+    build_stats = HEAD_INITS.get(cfg.head_init).stats
+    stats = build_stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
+    return {k: v.float() for k, v in stats.items()}, n

@@ -111,8 +111,8 @@ def task_of(cfg) -> Task:
 def check_task(cfg) -> None:
     """Cross-section rules of a task, checked once by RunConfig."""
     m = cfg.model
-    if m.task == "causal-lm" and cfg.train.head_init == "ncm":
-        raise ConfigError("bad value head-init='ncm': a causal LM has no classification head; "
+    if m.task == "causal-lm" and cfg.train.head_init != "random":
+        raise ConfigError(f"bad value head-init={cfg.train.head_init!r}: a causal LM has no classification head; "
                           "set head-init=random with task=causal-lm (the llm preset does)")
     if m.base_quant != "none" and m.adapter != "lora":
         raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "

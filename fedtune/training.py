@@ -34,8 +34,16 @@ class Encoded:
 
 
 def encode(tokenizer, split: Split, max_length: int) -> Encoded:
-    out = tokenizer(list(split.texts), truncation=True, max_length=max_length)
-    return Encoded(tuple(np.asarray(x, dtype=np.int64) for x in out["input_ids"]), split.labels)
+    """Token ids of every text, truncated to ``max_length`` (cached on disk when
+    $FEDTUNE_TOKEN_CACHE is set: fedtune/data/token_cache.py)."""
+    from fedtune.data.token_cache import cached
+
+    def run() -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        out = tokenizer(list(split.texts), truncation=True, max_length=max_length)
+        return tuple(np.asarray(x, dtype=np.int64) for x in out["input_ids"]), split.labels
+
+    ids, labels = cached(tokenizer, split.texts, split.labels, max_length, run)
+    return Encoded(ids, labels)
 
 
 def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, Tensor]:

@@ -77,3 +77,23 @@ def test_quick_is_minilm_cut_to_two_layers_with_its_real_weights():
     assert out.logits.shape == (1, 4) and out.loss is not None
     padded = small(input_ids=ids[:, :4], attention_mask=mask[:, :4]).logits  # mean over real tokens only
     assert torch.allclose(out.logits, padded, atol=1e-5)
+
+
+def test_head_init_choices_are_the_registry_plus_random():
+    from fedtune.config import HEAD_INIT_CHOICES
+    from fedtune.head_init import HEAD_INITS
+
+    assert set(HEAD_INIT_CHOICES) == {*HEAD_INITS.names(), "random"}
+    cfg = build_config({"head-init": "ridge", "head-shrinkage": "0.25"})
+    assert (cfg.train.head_init, cfg.train.head_shrinkage) == ("ridge", 0.25)
+    with pytest.raises(ConfigError, match=r"head-shrinkage=1\.5"):
+        build_config({"head-shrinkage": "1.5"})
+
+
+@pytest.mark.parametrize("dp", [{"dp": "sample", "target-epsilon": "8"},
+                                {"dp": "client-fixed", "noise-multiplier": "1"}])
+def test_ridge_head_refused_under_dp(dp):
+    with pytest.raises(ConfigError, match="head-init='ridge' with dp=.*second moment"):
+        build_config({"head-init": "ridge", **dp})
+    with pytest.raises(ConfigError, match="head-init='ridge': a causal LM"):
+        resolve("llm", None, {"head-init": "ridge"})

@@ -63,7 +63,9 @@ CLIENT = {"dp": "client-fixed", "noise-multiplier": "1", "head-init": "random"}
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        ({"dp": "client-fixed", "noise-multiplier": "1"}, "head-init='ncm' with dp=client-fixed"),
+        ({"dp": "client-fixed", "noise-multiplier": "1"}, "head-init='ridge' with dp=client-fixed"),  # the default head
+        ({"dp": "client-fixed", "noise-multiplier": "1", "head-init": "ncm"}, "head-init='ncm' with dp=client-fixed"),
+        ({"dp": "sample", "target-epsilon": "8"}, "head-init='ridge' with dp=sample"),
         ({**CLIENT, "strategy": "fedadam"}, "strategy='fedadam'"),
         ({**CLIENT, "dp": "client-adaptive", "strategy": "fedavgm"}, "strategy='fedavgm'"),
         ({**CLIENT, "profiles": "auto"}, "profiles='auto'"),
@@ -85,7 +87,7 @@ def test_refused_combinations_are_config_errors(overrides, needle):
 @pytest.mark.parametrize(
     "sets, needle",
     [
-        (["dp=client-fixed", "noise-multiplier=1"], "head-init='ncm'"),
+        (["dp=client-fixed", "noise-multiplier=1", "head-init=ncm"], "head-init='ncm'"),
         (["dp=client-fixed", "noise-multiplier=1", "head-init=random", "strategy=fedadam"], "strategy='fedadam'"),
         # needs the sample size: found by the preflight, before Ray starts
         (["dp=client-adaptive", "noise-multiplier=1", "head-init=random", "num-clients=2"], "clipped-count-stddev"),
@@ -104,7 +106,7 @@ def test_refusals_through_the_cli_are_one_line_exit_2(sets, needle, capsys, tmp_
 
 
 def test_sample_dp_allows_the_private_ncm_head():
-    cfg = build_config({"dp": "sample", "target-epsilon": "8"})
+    cfg = build_config({"dp": "sample", "target-epsilon": "8", "head-init": "ncm"})
     assert cfg.train.head_init == "ncm" and cfg.privacy.dp_head_share == 0.8
 
 
@@ -113,12 +115,14 @@ def test_private_preset_is_dp_sample_at_epsilon_8_and_passes_the_preflight():
 
     cfg = resolve("private")
     assert (cfg.privacy.dp, cfg.privacy.target_epsilon, cfg.train.head_init) == ("sample", 8.0, "ncm")
+    assert cfg.train.head_logit_scale == 4.0  # the private head as measured (docs/benchmarks.md, privacy)
     assert (cfg.train.batch_size, cfg.train.local_steps) == (64, 3)
     preflight(cfg)  # every client's sigma is reachable after the head release
 
 
 def test_console_script_refuses_client_dp_with_ncm_exit_2():
-    argv = [sys.executable, "-m", "fedtune", "simulate", "--set", "dp=client-fixed", "--set", "noise-multiplier=1"]
+    argv = [sys.executable, "-m", "fedtune", "simulate", "--set", "dp=client-fixed", "--set", "noise-multiplier=1",
+            "--set", "head-init=ncm"]
     r = subprocess.run(argv, capture_output=True, text=True)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fedtune: error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr

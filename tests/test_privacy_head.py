@@ -72,12 +72,13 @@ def test_released_noise_has_the_stated_standard_deviation():
 def test_head_plan_spends_the_share_alone_and_only_when_planned():
     assert head_plan(build_config({})) == ()
     assert head_plan(build_config({"dp": "sample", "target-epsilon": "8", "head-init": "random"})) == ()
-    ((sigma, q, steps),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8"}))
+    ((sigma, q, steps),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8", "head-init": "ncm"}))
     assert (q, steps) == (1.0, 1)
     assert 6.4 * 0.99 < opacus_epsilon([(sigma, 1.0, 1)]) <= 6.4  # the default share, 0.8
-    ((fixed, _, _),) = head_plan(build_config({"dp": "sample", "noise-multiplier": "1.7"}))
+    ((fixed, _, _),) = head_plan(build_config({"dp": "sample", "noise-multiplier": "1.7", "head-init": "ncm"}))
     assert fixed == 1.7
-    ((small, _, _),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8", "dp-head-share": "0.2"}))
+    ((small, _, _),) = head_plan(build_config({"dp": "sample", "target-epsilon": "8", "dp-head-share": "0.2",
+                                               "head-init": "ncm"}))
     assert small > sigma and 1.6 * 0.99 < opacus_epsilon([(small, 1.0, 1)]) <= 1.6
 
 
@@ -106,7 +107,8 @@ def test_client_releases_noisy_sums_and_accounts_them_first(task_identity, tmp_p
     from fedtune.privacy.client import STATE_KEY
 
     cfg = resolve("tiny", overrides={"num-clients": 2, "train-size": 300, "partition": "iid", "max-length": 24,
-                                      "dp": "sample", "target-epsilon": "6", "dp-state-dir": str(tmp_path)})
+                                      "dp": "sample", "target-epsilon": "6", "dp-state-dir": str(tmp_path),
+                                      "head-init": "ncm"})
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).model
     ((sigma, _, _),) = head_plan(cfg)
     msg = Message(RecordDict({wire.ARRAYS: wire.to_record({}),
@@ -150,7 +152,7 @@ def test_private_head_and_dp_sgd_share_one_budget_through_flower(tmp_path):
 
     cfg = resolve("tiny", overrides={"num-clients": 2, "rounds": 2, "train-size": 300, "eval-size": 64,
                                       "local-steps": 2, "max-length": 24, "partition": "iid",
-                                      "dp": "sample", "target-epsilon": "4"})
+                                      "dp": "sample", "target-epsilon": "4", "head-init": "ncm"})
     n = len(client_data(cfg.data, cfg.partition, 0, 0).train)
     prior = head_plan(cfg)
     sigma = calibrate(4.0, DELTA, cfg.train, n, 2, "rdp", prior)

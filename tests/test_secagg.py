@@ -28,6 +28,7 @@ SECURE = {"secure-aggregation": "secagg+", "head-init": "random"}
     ({"profiles": "auto"}, "profiles='auto'"),
     ({"compression": "int8"}, "compression='int8'"),
     ({"head-init": "ncm"}, "head-init='ncm'"),
+    ({"head-init": "ridge"}, "head-init='ridge'"),
     ({"dp": "client-fixed", "noise-multiplier": 1}, "dp-clipping=server"),
     ({"adapter": "sparse", "strategy": "fedavgm"}, "adapter='sparse' and strategy='fedavgm'"),
 ])

@@ -16,11 +16,11 @@ from fedtune.client.gpu import device_metrics, oom_mod, start_round
 from fedtune.client.secagg import secagg_mod
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
-from fedtune.head_init import class_feature_sums, head_module
+from fedtune.head_init import client_head_stats
 from fedtune.privacy.client import client_dp_mod, release_head_sums, train_sample_dp
 from fedtune.sparse.train import train_sparse_client
 from fedtune.tasks import task_of
-from fedtune.training import Encoded, client_seed, train_local
+from fedtune.training import client_seed, train_local
 
 app = ClientApp()
 
@@ -65,7 +65,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
 
 @app.query("head_init", mods=[oom_mod])
 def head_init(msg: Message, context: Context) -> Message:
-    """Per-class sums and counts of head features on (up to N of) this client's examples."""
+    """The statistics ``head-init`` asks for (fedtune/head_init.py) on (up to N of) this client's
+    examples: ncm: class sums, counts, sums of squares; ridge: class sums, counts, feature scatter."""
     cfg, client, worker = _setup(msg, context)
     enc = worker.data.train
     if cfg.privacy.dp == "sample":  # noisy unit-feature sums over all examples, accounted (fedtune/privacy/head.py)
@@ -73,11 +74,8 @@ def head_init(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({wire.WEIGHT: len(enc), wire.CLIENT_ID: client, **info})
         return Message(content=RecordDict({wire.ARRAYS: wire.to_record({"sums": sums.float()}),
                                            wire.METRICS: metrics}), reply_to=msg)
-    n = min(len(enc), cfg.train.head_init_examples)
-    sub = Encoded(enc.ids[:n], enc.labels[:n])  # the local order is already a seeded shuffle
-    num_labels = head_module(worker.model).out_features
-    sums, counts, ss = class_feature_sums(worker.model, sub, num_labels, cfg.train.eval_batch_size, worker.pad_id)
-    arrays = wire.to_record({"sums": sums.float(), "counts": counts.float(), "ss": ss.float()})
+    stats, n = client_head_stats(worker.model, enc, cfg.train, worker.pad_id)
+    arrays = wire.to_record(stats)
     metrics = MetricRecord({wire.WEIGHT: n, wire.CLIENT_ID: client})
     return Message(content=RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
 

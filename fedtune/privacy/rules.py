@@ -6,6 +6,9 @@ or the partitions built run in :func:`fedtune.privacy.federation.preflight`.
 
 Refused (one-line ConfigError):
 
+- any ``dp`` with ``head-init=ridge``: the closed-form head needs each client's d x d feature
+  scatter, a second moment released without noise (a private version would need its own
+  noise on a d x d matrix and its own accounting, which fedtune does not implement);
 - client-level ``dp`` with ``head-init=ncm``: the FedNCM head is built from per-class feature
   sums of the clients' private examples, outside the clipped and noised updates (under
   ``dp=sample`` the head is released with its own Gaussian noise and accounted:
@@ -100,8 +103,9 @@ def check_secagg(cfg: RunConfig) -> None:
         why = f"with adapter='sparse' and strategy={fed.strategy!r}: sparse adapters aggregate with fedavg"
     elif fed.compression != "none":
         why = f"with compression={fed.compression!r}: SecAgg+ quantizes the dense update itself"
-    elif cfg.train.head_init == "ncm":
-        why = "with head-init='ncm': each client's class sums would be sent in the clear; set head-init=random"
+    elif cfg.train.head_init != "random":
+        why = (f"with head-init={cfg.train.head_init!r}: each client's head statistics (class sums; for ridge also "
+               "its feature second moment) would be sent in the clear; set head-init=random")
     elif cfg.privacy.client_level and cfg.privacy.dp_clipping != "client":
         why = (f"with dp={cfg.privacy.dp} and dp-clipping=server: the server cannot clip updates it never sees; "
                "set dp-clipping=client")
@@ -115,6 +119,11 @@ def check_composition(cfg: RunConfig) -> None:
     check_secagg(cfg)
     if p.dp == "none":
         return
+    if cfg.train.head_init == "ridge":
+        raise ConfigError(
+            f"bad value head-init='ridge' with dp={p.dp}: the closed-form head needs each client's feature "
+            "second moment, which is released without noise; use head-init=ncm (dp=sample privatises it) or random"
+        )
     if cfg.train.head_init == "ncm" and p.client_level:
         raise ConfigError(
             f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids would be released outside "

@@ -135,7 +135,7 @@ def run_federation(
     started = time.perf_counter()
     timeout = cfg.federation.round_timeout
     grid = OrderedGrid(grid, discover(grid, cfg.partition.num_clients, timeout, cfg))
-    if cfg.train.head_init == "ncm" and not ckpt:
+    if cfg.train.head_init != "random" and not ckpt:  # ncm | ridge: fedtune/head_init.py
         per_node = None
         if rank_aware:  # each node gets the server's initial adapter at its own rank
             per_node = lambda node, arrays: rank_aware.node_arrays(arrays, grid.members[node].profile)  # noqa: E731

@@ -1,4 +1,5 @@
-"""Server side of the FedNCM head initialisation: one query to every client, then the head."""
+"""Server side of the head initialisation (FedNCM or the closed-form ridge head): one query to
+every client, then the head."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from fedtune import wire
 from fedtune.config import RunConfig
-from fedtune.head_init import ncm_head, set_head
+from fedtune.head_init import HEAD_INITS, set_head
 from fedtune.server.metered import RoundStats, _message_bytes
 from fedtune.strategies.fedavg import ordered
 
@@ -21,8 +22,8 @@ Build = Callable[[list[Message]], tuple[Tensor, Tensor]]  # good replies -> (wei
 
 
 def head_builder(cfg: RunConfig) -> Build:
-    """How the head is built from the replies: FedNCM from exact sums, counts and sums of
-    squares, or under ``dp=sample`` from the clients' noisy unit-feature sums."""
+    """How the head is built from the replies: by ``head-init``'s entry in HEAD_INITS from the
+    exact statistics, or under ``dp=sample`` (ncm only) from the clients' noisy unit-feature sums."""
     scale = cfg.train.head_logit_scale
     if cfg.privacy.dp == "sample":
         from fedtune.privacy.head import dp_ncm_head
@@ -34,9 +35,10 @@ def head_builder(cfg: RunConfig) -> Build:
 
         return private
 
+    head_init = HEAD_INITS.get(cfg.train.head_init)
+
     def exact(good: list[Message]) -> tuple[Tensor, Tensor]:
-        parts = [wire.from_record(m.content[wire.ARRAYS]) for m in good]
-        return ncm_head([p["sums"] for p in parts], [p["counts"] for p in parts], [p["ss"] for p in parts], scale)
+        return head_init.build([wire.from_record(m.content[wire.ARRAYS]) for m in good], cfg.train)
 
     return exact
 

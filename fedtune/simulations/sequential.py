@@ -15,8 +15,8 @@ from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
 from fedtune.modeling import load_trainable_state, shared_model, trainable_state
 from fedtune.strategies.aggregation import weighted_mean
-from fedtune.head_init import class_feature_sums, head_module, ncm_head, set_head
-from fedtune.training import Encoded, client_seed, train_local
+from fedtune.head_init import HEAD_INITS, client_head_stats, set_head
+from fedtune.training import client_seed, train_local
 
 
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
@@ -28,17 +28,12 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()
     evaluator = TestEvaluator(cfg)
-    if cfg.train.head_init == "ncm":
-        sums, counts, sqs = [], [], []
+    if cfg.train.head_init != "random":  # ncm | ridge, as the clients' head_init query answers
+        parts = []
         for c in range(n):
             w = get_worker(cfg, c)
-            k = min(len(w.data.train), cfg.train.head_init_examples)
-            sub = Encoded(w.data.train.ids[:k], w.data.train.labels[:k])
-            s, m, q = class_feature_sums(w.model, sub, head_module(w.model).out_features, cfg.train.eval_batch_size, w.pad_id)
-            sums.append(s.float())
-            counts.append(m.float())
-            sqs.append(q.float())
-        set_head(model, *ncm_head(sums, counts, sqs, cfg.train.head_logit_scale))
+            parts.append(client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)[0])
+        set_head(model, *HEAD_INITS.get(cfg.train.head_init).build(parts, cfg.train))
     state = trainable_state(model)
     rows = [{"round": 0, **evaluator(model), "seconds": 0.0}]
     rng = np.random.default_rng(cfg.federation.seed)

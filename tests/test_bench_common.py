@@ -1,0 +1,32 @@
+"""The benchmarks' confidence intervals (bench/common.py): mean ± 95% Student-t half-width."""
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).parent.parent / "bench" / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_env = dict(os.environ)
+_spec.loader.exec_module(common)  # it sets the benchmarks' environment (token cache, ...): not for the tests
+os.environ.clear()
+os.environ.update(_env)
+
+
+def test_mean_ci_hand_computed():
+    # [1, 2, 3]: mean 2, sample sd 1, t(0.975, df=2) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    mean, half = common.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    # [0.70, 0.74]: sd 0.028284, t(0.975, df=1) = 12.7062 -> 12.7062 * 0.028284 / sqrt(2) = 0.254124
+    assert common.mean_ci([0.70, 0.74])[1] == pytest.approx(0.254124, rel=1e-5)
+    assert math.isnan(common.mean_ci([0.5])[1]) and common.mean_ci([0.5])[0] == 0.5
+
+
+def test_fmt_ci_and_seed_overrides():
+    assert common.fmt_ci([0.5]) == "0.500"
+    assert common.fmt_ci([1.0, 2.0, 3.0], 2) == "2.00 ± 2.48"
+    assert common.fmt_ci([0.01, 0.03], 1, scale=100) == "2.0 ± 12.7"
+    assert common.seed_overrides({"rounds": "4"}, 2) == {"rounds": "4", "seed": "2"}
+    assert common.seed_overrides({"seed": "10"}, 1)["seed"] == "11"
