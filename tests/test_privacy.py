@@ -19,12 +19,12 @@ from fedtune.privacy import (
     ACCOUNTANTS,
     DPConfig,
     PrivacyAccountant,
-    calibrate,
     noise_multiplier,
     planned_steps,
     sample_rate,
     train_local_dp,
 )
+from fedtune.privacy.calibrate import calibrate
 from fedtune.training import Encoded, encode, train_local
 
 MODEL = ModelConfig(model="tiny", lora_rank=4, target_modules=("query", "value"))

@@ -5,7 +5,8 @@ protected by per-example clipping and Gaussian noise, with a per-client accounta
 state survives rounds and restarts. Client-level DP (noise on the aggregated updates) is
 configured on the server strategy instead; see docs/privacy.md.
 
-Names are imported on first use, so ``fedtune.privacy.config`` stays cheap to import
+(``calibrate``, the function, is imported from ``fedtune.privacy.calibrate``: once that
+submodule is loaded, the package attribute of the same name is the module.) Names are imported on first use, so ``fedtune.privacy.config`` stays cheap to import
 (opacus, torch and transformers load only with the training code).
 """
 
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ACCOUNTANTS": "accountant",
     "PrivacyAccountant": "accountant",
-    "calibrate": "calibrate",
     "noise_multiplier_for": "calibrate",
     "planned_steps": "calibrate",
     "sample_rate": "calibrate",
@@ -30,7 +30,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from fedtune.privacy.accountant import ACCOUNTANTS, PrivacyAccountant
-    from fedtune.privacy.calibrate import calibrate, noise_multiplier_for, planned_steps, sample_rate
+    from fedtune.privacy.calibrate import noise_multiplier_for, planned_steps, sample_rate
     from fedtune.privacy.config import DPConfig
     from fedtune.privacy.dp_train import LogitsModule, noise_multiplier, train_local_dp
 
