@@ -114,7 +114,7 @@ def test_auto_assignment_uses_the_probe_and_the_real_probe_runs(monkeypatch) -> 
 
 def test_auto_on_a_gpu_respects_what_the_run_refuses(monkeypatch) -> None:
     gpu = lambda: P.Hardware(1, 8 * 2**30)  # noqa: E731 - a gpu-small device: bf16 + checkpointing
-    private = cfg(profiles="auto", dp="sample", **{"noise-multiplier": 1.0})
+    private = cfg(profiles="auto", dp="sample", **{"noise-multiplier": 1.0, "head-init": "ncm"})
     found = P.assign(private, 0, probe=gpu)
     assert (found.name, found.gradient_checkpointing) == ("gpu-small", False)  # dp=sample refuses checkpointing
     P.apply(private, found)  # a valid config
