@@ -27,7 +27,7 @@ from fedtune.compression.downlink import densify
 from fedtune.config import RunConfig
 from fedtune.modeling import load_trainable_state, trainable_state
 from fedtune.profiles import Profile, apply
-from fedtune.server.run_dir import client_state_file
+from fedtune.artifacts import client_state_file
 from fedtune.strategies.recipes import recipe_for
 
 LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this node

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune.errors import FedtuneError
 from fedtune.server import checkpoint
-from fedtune.server.run_dir import METRICS
+from fedtune.artifacts import METRICS
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -102,7 +102,7 @@ def load_for_resume(run_path: str | Path, rounds: int) -> checkpoint.Checkpoint:
 def resume_config(run_path: str | Path, config_file: str | None, overrides: list[str], out: str | None):
     """The RunConfig of the run in ``run_path`` (its config.json), refusing anything that would
     change it: a resumed run is the same run."""
-    from fedtune.server.run_dir import CONFIG, RunDir
+    from fedtune.artifacts import CONFIG, RunDir
 
     if config_file or overrides or (out and Path(out).resolve() != Path(run_path).resolve()):
         raise ResumeError("--resume continues a run with its own config.json: drop --config, --set and --out")

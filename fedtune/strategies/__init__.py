@@ -10,25 +10,11 @@ from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.profiles import candidates
 from fedtune.registry import Registry
-from fedtune.strategies.fedavg import FedAdam, FedAvg, FedAvgM
+from fedtune.strategies.fedavg import FedAdam, FedAvg, FedAvgM, sampling
 from fedtune.strategies.hetero import RANK_AWARE, RankFedAvg
 from fedtune.strategies.rank_aware import RankAware
 
 STRATEGIES: Registry[Callable[[RunConfig], Strategy]] = Registry("strategy")
-
-
-def _sampling(cfg: RunConfig) -> dict:
-    fed = cfg.federation
-    n = cfg.partition.num_clients
-    evaluate = fed.fraction_evaluate if cfg.partition.val_fraction > 0 else 0.0  # no local val data
-    return dict(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=evaluate,
-        min_train_nodes=min(fed.min_train_nodes, n),
-        min_evaluate_nodes=1 if evaluate > 0 else 0,
-        # wait for this many nodes only: a node lost mid-run must not stall every later round
-        min_available_nodes=min(fed.min_train_nodes, n),
-    )
 
 
 @STRATEGIES.register("fedavg")
@@ -36,15 +22,15 @@ def _fedavg(cfg: RunConfig) -> Strategy:
     if cfg.model.adapter == "sparse":  # mask-aware mean of sparse deltas (fedtune/strategies/sparse)
         from fedtune.strategies.sparse.strategy import SparseFedAvg
 
-        return SparseFedAvg(**_sampling(cfg))
+        return SparseFedAvg(**sampling(cfg))
     if cfg.federation.profiles:  # clients of several ranks: zero-padded per-factor average
-        return RankFedAvg(cfg, **_sampling(cfg))
-    return FedAvg(**_sampling(cfg))
+        return RankFedAvg(cfg, **sampling(cfg))
+    return FedAvg(**sampling(cfg))
 
 
 def _rank_aware(cls: type[RankAware]) -> Callable[[RunConfig], Strategy]:
     def build(cfg: RunConfig) -> Strategy:
-        return cls(cfg, **_sampling(cfg))
+        return cls(cfg, **sampling(cfg))
 
     return build
 
@@ -64,13 +50,13 @@ def _equal_ranks(cfg: RunConfig, name: str) -> None:
 def _fedavgm(cfg: RunConfig) -> Strategy:
     _equal_ranks(cfg, "fedavgm")
     fed = cfg.federation
-    return FedAvgM(**_sampling(cfg), server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum or 0.9)
+    return FedAvgM(**sampling(cfg), server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum or 0.9)
 
 
 @STRATEGIES.register("fedadam")
 def _fedadam(cfg: RunConfig) -> Strategy:
     _equal_ranks(cfg, "fedadam")
-    return FedAdam(**_sampling(cfg), eta=cfg.federation.server_lr * 1e-2, eta_l=cfg.train.lr)
+    return FedAdam(**sampling(cfg), eta=cfg.federation.server_lr * 1e-2, eta_l=cfg.train.lr)
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:

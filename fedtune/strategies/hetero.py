@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedtune.adapters import B_SUFFIX, split
 from fedtune.profiles import Profile
-from fedtune.strategies import lora as L
+import fedtune.strategies.lora as L
 from fedtune.strategies.aggregation import weighted_mean
 from fedtune.strategies.lora import ClientFactors, LoRAFactors
 from fedtune.strategies.rank_aware import GlobalState, RankAware, Update
