@@ -54,6 +54,7 @@ class StrategyInfo:
     client_dp: bool = False  # Flower's client-level DP wrappers (a uniform mean of clipped updates)
     robust: bool = False  # its aggregate is a mean of same-shape updates (fedtune.strategies.robust)
     secagg: str = ""  # "" = SecAgg+ composes (the weighted sum is all it needs); else why not
+    client: str = "plain"  # the client recipe (fedtune.strategies.recipes): plain | shared-frozen-A | local-B
 
     @property
     def shapeless_codecs(self) -> bool:
@@ -68,8 +69,9 @@ STRATEGIES: dict[str, StrategyInfo] = {s.name: s for s in (
     StrategyInfo("hetlora", rank_aware=True, secagg="it zero-pads and prunes per client rank"),
     StrategyInfo("flexlora", rank_aware=True, secagg="it takes the SVD of each client's product B A"),
     StrategyInfo("flora", rank_aware=True, sends=(), secagg="it stacks the clients' factors"),
-    StrategyInfo("ffa", rank_aware=True, sends=("B",), trains=("B",)),
-    StrategyInfo("fedsa", rank_aware=True, sends=("A",), secagg="it keeps per-group B matrices from individual replies"),
+    StrategyInfo("ffa", rank_aware=True, sends=("B",), trains=("B",), client="shared-frozen-A"),
+    StrategyInfo("fedsa", rank_aware=True, sends=("A",), secagg="it keeps per-group B matrices from individual replies",
+                 client="local-B"),
     StrategyInfo("fedex", rank_aware=True, secagg="it needs each client's factors for the residual"),
 )}
 

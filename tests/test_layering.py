@@ -208,3 +208,20 @@ def test_the_catalog_names_what_is_registered(registry: str, names: str) -> None
 
     module, attr = registry.split(":")
     assert sorted(getattr(importlib.import_module(module), attr).names()) == sorted(getattr(catalog, names))
+
+
+def test_one_spec_per_strategy_and_compat_reads_its_flags() -> None:
+    """The tables the flags replaced, as they were (docs/strategies.md, docs/privacy.md)."""
+    from fedtune import compat
+    from fedtune.catalog import STRATEGIES as CATALOG
+    from fedtune.strategies import SPECS
+    from fedtune.strategies.hetero import FFALoRA, FedSALoRA, FLoRA
+
+    assert compat.CLIENT_LEVEL_STRATEGIES == ("fedavg",)
+    assert compat.SECAGG_STRATEGIES == ("fedavg", "fedavgm", "fedadam", "ffa")
+    assert compat.ROBUST_STRATEGIES == ("fedavg", "fedavgm", "fedadam")
+    assert [n for n, s in CATALOG.items() if not s.shapeless_codecs] == ["flora", "fedsa"]
+    assert sorted(n for n, s in SPECS.items() if s.rank_aware) == sorted(n for n, s in CATALOG.items() if s.rank_aware)
+    assert (FLoRA.sends, FFALoRA.sends, FedSALoRA.sends) == ((), ("B",), ("A",))
+    assert SPECS["ffa"].recipe.frozen == ("lora_A",) and SPECS["fedsa"].recipe.local == ("lora_B",)
+    assert SPECS["flexlora"].math.__name__ == "flexlora" and SPECS["fedavgm"].math is None

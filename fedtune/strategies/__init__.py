@@ -1,17 +1,29 @@
-"""Server strategies, selected by ``--set strategy=NAME`` through one registry."""
+"""Server strategies, selected by ``--set strategy=NAME``: one ``StrategySpec`` per strategy.
+
+A spec joins the torch-free half of a strategy (``fedtune.catalog.StrategyInfo``: what it
+sends down and up, its client recipe, and the flags fedtune.compat reads: rank-aware,
+sparse, client-level DP, robust, codec and SecAgg+ compatible) to its Flower class, its pure
+per-layer math (``fedtune.strategies.lora.METHODS``) and its client recipe. ``STRATEGIES`` is
+the registry of their builders; a new strategy is one catalog entry plus one spec here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
+from fedtune.catalog import STRATEGIES as CATALOG, StrategyInfo
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.profiles import candidates
 from fedtune.registry import Registry
 from fedtune.strategies.fedavg import FedAdam, FedAvg, FedAvgM, sampling
-from fedtune.strategies.hetero import RANK_AWARE, RankFedAvg
+from fedtune.strategies.hetero import FedExLoRA, FedSALoRA, FFALoRA, FLoRA, FlexLoRA, HetLoRA, RankFedAvg
+from fedtune.strategies.lora import METHODS
+from fedtune.strategies.recipes import ClientRecipe, recipe_for
 from fedtune.strategies.rank_aware import RankAware
 
 STRATEGIES: Registry[Callable[[RunConfig], Strategy]] = Registry("strategy")
@@ -35,7 +47,10 @@ def _rank_aware(cls: type[RankAware]) -> Callable[[RunConfig], Strategy]:
     return build
 
 
-for _name, _cls in RANK_AWARE.items():  # hetlora, flexlora, flora, ffa, fedsa, fedex (docs/strategies.md)
+# The class that aggregates clients of several LoRA ranks, per rank-aware strategy (docs/strategies.md).
+_RANK_AWARE: dict[str, type[RankAware]] = {"fedavg": RankFedAvg, "hetlora": HetLoRA, "flexlora": FlexLoRA,
+                                           "flora": FLoRA, "ffa": FFALoRA, "fedsa": FedSALoRA, "fedex": FedExLoRA}
+for _name, _cls in _RANK_AWARE.items():  # hetlora, flexlora, flora, ffa, fedsa, fedex (fedavg: below)
     if _name != "fedavg":
         STRATEGIES.register(_name)(_rank_aware(_cls))
 
@@ -57,6 +72,33 @@ def _fedavgm(cfg: RunConfig) -> Strategy:
 def _fedadam(cfg: RunConfig) -> Strategy:
     _equal_ranks(cfg, "fedadam")
     return FedAdam(**sampling(cfg), eta=cfg.federation.server_lr * 1e-2, eta_l=cfg.train.lr)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Everything fedtune knows about one strategy, in one place."""
+
+    info: StrategyInfo  # name, what goes down / up, client recipe kind, compatibility flags (torch-free)
+    build: Callable[[RunConfig], Strategy]  # the Flower strategy for a run
+    rank_aware: type[RankAware] | None  # the class for clients of several profiles (None: one shape only)
+    math: Callable[..., Any] | None  # the pure per-layer aggregation (fedtune.strategies.lora), if it has one
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def recipe(self) -> ClientRecipe:
+        return recipe_for(self.info.name)
+
+
+SPECS: dict[str, StrategySpec] = {
+    name: StrategySpec(info, STRATEGIES.get(name), _RANK_AWARE.get(name), METHODS.get(name))
+    for name, info in CATALOG.items()
+}
+assert sorted(SPECS) == STRATEGIES.names(), "every registered strategy has a catalog entry and a spec"
+assert all((s.rank_aware is not None) == s.info.rank_aware for s in SPECS.values()), "catalog rank-aware flags"
+RANK_AWARE: dict[str, type[RankAware]] = {n: s.rank_aware for n, s in SPECS.items() if s.rank_aware is not None}
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
