@@ -25,10 +25,35 @@ def client_state_file(folder: str | Path, client: int) -> Path:
     return Path(folder) / f"client-{client}.safetensors"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write(path: str | Path, data: str | bytes, mode: int | None = None) -> None:
+    """The one atomic write of fedtune: a temporary file in the same folder (created if need
+    be), fsync, rename over the old file, fsync of the folder. A reader sees the old file or
+    the new one, never a torn one; a crash loses nothing already written. ``mode``: the new
+    file's permissions (e.g. 0o600 for private keys), set before it becomes visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_atomic_write = atomic_write  # the old private name
 
 
 class RunDir:

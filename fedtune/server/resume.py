@@ -11,7 +11,6 @@ the last checkpoint (the crash came between the two) is measured again, not dupl
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtune.artifacts import METRICS, atomic_write
 from fedtune.errors import FedtuneError
 from fedtune.server import checkpoint
-from fedtune.artifacts import METRICS
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -82,9 +81,7 @@ def truncate_metrics(run_path: str | Path, last_round: int) -> int:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):  # a row cut short by the crash
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
 
 
