@@ -87,6 +87,19 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
     return place(_fp32_trainable(model), where)
 
 
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits [B, C], positionally: the module opacus wraps
+    (fedtune.privacy.dp_train) and the exported ONNX signature (fedtune.edge_export). It holds
+    the model itself, so its parameters are the model's parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, C]
+
+
 def _fp32_trainable(model: nn.Module) -> nn.Module:
     """Adapter and head in fp32 (a half base's copied head included); the optimizer state follows."""
     for p in model.parameters():

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fedtune.config import RunConfig
 from fedtune.edge_export.errors import ExportError
 from fedtune.edge_export.runtime import read_labels
+from fedtune.modeling import LogitsOnly
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -34,17 +35,6 @@ class LoadedRun:
     labels: list[str]
     model: nn.Module  # the PeftModel, adapter not merged, base deltas applied: exactly what the run evaluated
     source: dict[str, Any] = field(default_factory=dict)  # what was loaded (for the export report)
-
-
-class LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits [B, C]: the exported signature."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _run_files(run_dir: Path) -> tuple[Path, Path]:
