@@ -22,6 +22,7 @@ from fedtune.wire_keys import (  # noqa: F401 - the key names
     DEVICE_INDEX,
     GPU_PEAK,
     BASE,
+    MASKS,
 )
 
 

@@ -15,3 +15,4 @@ ADAPTER = "adapter"  # RecordDict key of the reply's ConfigRecord {PROFILE: name
 PROFILE = "profile"
 DEVICE_INDEX, GPU_PEAK = "device-index", "gpu-peak-mib"  # MetricRecord: where a client trained (-1 = CPU), its peak
 BASE = "base-delta/"  # ArrayRecord key prefix: dense delta of a layer's frozen base weight
+MASKS = "sparse-masks"  # RecordDict key the decode screen adds to a sparse reply: {base-delta/LAYER: flat indices}
