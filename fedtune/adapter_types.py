@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fedtune import catalog
 from fedtune.registry import Registry
 
 ADAPTERS: Registry[Callable[[Any, Any, int], Any] | None] = Registry("adapter")
@@ -25,6 +26,6 @@ def _sparse(base: Any, cfg: Any, seed: int) -> Any:
     return attach_sparse(base, cfg)
 
 
-# The sparse selection rules (registered in fedtune.sparse.select, which needs torch): the
-# names, for validating a config cheaply; a test keeps the two in sync.
-SELECTIONS = ("magnitude", "random", "ks")
+# The sparse selection rules (registered in fedtune.sparse.select, which needs torch): their
+# names live in the catalog, which the config validates against.
+SELECTIONS = catalog.SELECTIONS

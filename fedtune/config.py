@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedtune import catalog, compat
 from fedtune.errors import ConfigError
+from fedtune.profile_specs import check as check_profiles, to_def
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -81,27 +83,24 @@ class ModelConfig:
     cpu_autocast: str = "off"  # auto: bf16 autocast of the fp32 base's forward on CPUs with AMX/AVX512-BF16
 
     def __post_init__(self) -> None:
-        _require(self.task in ("classify", "causal-lm"), "task", self.task, "must be classify or causal-lm")
-        _require(self.base_dtype in ("float32", "bfloat16", "float16"), "base-dtype", self.base_dtype,
+        _require(self.task in catalog.TASKS, "task", self.task, "must be classify or causal-lm")
+        _require(self.base_dtype in catalog.BASE_DTYPES, "base-dtype", self.base_dtype,
                  "must be float32, bfloat16 or float16")
         _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be a positive integer")
         _require(self.lora_layers >= 0, "lora-layers", self.lora_layers, "must be >= 0 (0 = all layers)")
         _require(0.0 < self.lora_alpha <= 4096, "lora-alpha", self.lora_alpha, "must be in (0, 4096]")
         _require(0.0 <= self.lora_dropout < 1.0, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target-modules", self.target_modules, "must name at least one module")
-        from fedtune.adapter_types import ADAPTERS, SELECTIONS
-
-        _require(self.adapter in ADAPTERS, "adapter", self.adapter, f"must be one of {', '.join(ADAPTERS)}")
+        _require(self.adapter in catalog.ADAPTER_KINDS, "adapter", self.adapter,
+                 f"must be one of {', '.join(sorted(catalog.ADAPTER_KINDS))}")
         _require(0.0 < self.sparse_density <= 1.0, "sparse-density", self.sparse_density, "must be in (0, 1]")
-        _require(self.sparse_selection in SELECTIONS, "sparse-selection", self.sparse_selection,
-                 f"must be one of {', '.join(SELECTIONS)}")
+        _require(self.sparse_selection in catalog.SELECTIONS, "sparse-selection", self.sparse_selection,
+                 f"must be one of {', '.join(catalog.SELECTIONS)}")
         _require(self.sparse_warmup >= 1, "sparse-warmup", self.sparse_warmup, "must be >= 1")
         _require(0.0 <= self.sparse_keep <= 1.0, "sparse-keep", self.sparse_keep, "must be in [0, 1]")
-        from fedtune.device import check as check_device
-
-        check_device("device", self.device)
-        check_device("server-device", self.server_device)
-        _require(self.base_quant in ("none", "nf4", "int8"), "base-quant", self.base_quant, "must be none, nf4 or int8")
+        catalog.check_device("device", self.device)
+        catalog.check_device("server-device", self.server_device)
+        _require(self.base_quant in catalog.BASE_QUANTS, "base-quant", self.base_quant, "must be none, nf4 or int8")
         _require(self.cpu_autocast in ("auto", "off"), "cpu-autocast", self.cpu_autocast, "must be auto or off")
 
 
@@ -143,7 +142,7 @@ class TrainConfig:
         _require(self.head_ridge_scale > 0, "head-ridge-scale", self.head_ridge_scale, "must be > 0")
 
 
-WEIGHT_BOUNDS = ("clip", "reject")  # what the validate screen does with an example count above its bound
+WEIGHT_BOUNDS = catalog.WEIGHT_BOUNDS  # what the validate screen does with an example count above its bound
 
 
 @dataclass(frozen=True)
@@ -189,8 +188,6 @@ class FederationConfig:
     secagg_max_weight: float = 1000.0  # the largest weight (example count) a client may state; bounded before masking
 
     def __post_init__(self) -> None:
-        from fedtune.profiles import check as check_profiles
-
         _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _require(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
@@ -209,7 +206,7 @@ class FederationConfig:
                  "must be > 1 (inf: no cohort bound)")
         _require(self.weight_bound in WEIGHT_BOUNDS, "weight-bound", self.weight_bound,
                  f"must be one of {', '.join(WEIGHT_BOUNDS)}")
-        _require(self.secure_aggregation in ("none", "secagg+"), "secure-aggregation", self.secure_aggregation,
+        _require(self.secure_aggregation in catalog.SECURE_AGGREGATIONS, "secure-aggregation", self.secure_aggregation,
                  "must be none or secagg+")
         _require(self.secagg_shares > 0, "secagg-shares", self.secagg_shares, "must be > 0")
         _require(self.secagg_threshold > 0 and not 1 <= self.secagg_threshold < 2, "secagg-threshold",
@@ -219,17 +216,14 @@ class FederationConfig:
                  self.secagg_quantization_range, "must be in [2, 2**32)")
         _require(self.secagg_max_weight > 0, "secagg-max-weight", self.secagg_max_weight, "must be > 0")
         check_profiles(self.profiles, self.profile_defs)
-        from fedtune.strategies.robust import check_robust
-
-        check_robust(self)
-        from fedtune.compression import CODECS
-
-        _require(self.compression in CODECS, "compression", self.compression, f"must be one of {', '.join(CODECS)}")
+        compat.check_robust(self)
+        _require(self.compression in catalog.CODECS, "compression", self.compression,
+                 f"must be one of {', '.join(catalog.CODECS)}")
         _require(0.0 < self.topk_fraction <= 1.0, "topk-fraction", self.topk_fraction, "must be in (0, 1]")
         _require(0.0 <= self.dare_p < 1.0, "dare-p", self.dare_p, "must be in [0, 1)")
 
 
-DP_MODES = ("none", "sample", "client-fixed", "client-adaptive")
+DP_MODES = catalog.DP_MODES
 
 
 @dataclass(frozen=True)
@@ -276,12 +270,45 @@ class PrivacyConfig:
     def client_level(self) -> bool:
         return self.dp in ("client-fixed", "client-adaptive")
 
-    def sample_dp(self):  # -> fedtune.privacy.config.DPConfig
+    def sample_dp(self) -> DPConfig:
         """The budget, noise and accountant settings as the DP building blocks take them."""
-        from fedtune.privacy.config import DPConfig
-
         return DPConfig(target_epsilon=self.target_epsilon, delta=self.delta, noise_multiplier=self.noise_multiplier,
                         max_grad_norm=self.max_grad_norm, accountant=self.accountant)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD settings for one client's local training (PrivacyConfig.sample_dp()).
+    Exactly one of ``target_epsilon`` (the noise is calibrated over the whole federation
+    plan, and the client stops once the budget is spent) and ``noise_multiplier`` (a fixed
+    sigma; epsilon is only reported, nothing stops) must be set."""
+
+    target_epsilon: float | None = None  # total (epsilon, delta) budget of one client over all rounds
+    delta: float = 1e-5  # should be well below 1 / (examples on the client)
+    noise_multiplier: float | None = None  # sigma: noise std / max-grad-norm; 0 = clipping only, no privacy
+    max_grad_norm: float = 1.0  # per-example L2 clipping bound C over all trainable (adapter + head) tensors
+    accountant: str = "rdp"  # rdp | prv
+
+    def __post_init__(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ConfigError(
+                f"bad value target-epsilon={self.target_epsilon!r}, noise-multiplier={self.noise_multiplier!r}: "
+                "set exactly one of the two"
+            )
+        if self.target_epsilon is not None:
+            _require(_is_number(self.target_epsilon) and self.target_epsilon > 0,
+                     "target-epsilon", self.target_epsilon, "must be a finite number > 0")
+        if self.noise_multiplier is not None:
+            _require(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0,
+                     "noise-multiplier", self.noise_multiplier, "must be a finite number >= 0")
+        _require(_is_number(self.delta) and 0.0 < self.delta < 1.0, "delta", self.delta, "must be in (0, 1)")
+        _require(_is_number(self.max_grad_norm) and self.max_grad_norm > 0,
+                 "max-grad-norm", self.max_grad_norm, "must be a finite number > 0")
+        catalog.check_name("privacy accountant", self.accountant, catalog.ACCOUNTANTS)  # as the registry says it
 
 
 @dataclass(frozen=True)
@@ -294,15 +321,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        from fedtune.privacy.rules import check_composition  # cross-section rules: refuse what breaks a guarantee
-
-        check_composition(self)
-        from fedtune.compression.rules import check_compression  # sparse adapters and compression: what composes
-
-        check_compression(self)
-        from fedtune.tasks import check_task  # what a task cannot do (FedNCM heads for causal LMs, ...)
-
-        check_task(self)
+        compat.check_run(self)  # every cross-section rule (fedtune/compat.py): refuse what does not compose
 
     # -- flat views -------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -418,8 +437,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
         if key == "profiles" and isinstance(value, dict):
-            from fedtune.profiles import to_def
-
             flat["profile-defs"] = [to_def(n, t) for n, t in value.items() if isinstance(t, dict)]
             flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
         elif isinstance(value, dict):

@@ -11,7 +11,6 @@ autocast runs the base's matmuls in its half dtype (bf16 on CPUs with AMX / AVX5
 from __future__ import annotations
 
 import functools
-import re
 import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -19,17 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fedtune.catalog import check_device as check  # syntax only (a config may be written elsewhere)
 from fedtune.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PLACED: weakref.WeakKeyDictionary[nn.Module, Placement] = weakref.WeakKeyDictionary()
-
-
-def check(key: str, value: str) -> None:
-    """Syntax only (a config may be written on one machine and run on another)."""
-    if not _SPEC.fullmatch(value):
-        raise ConfigError(f"bad value {key}={value!r}: must be auto, cpu, cuda or cuda:N")
 
 
 def resolve(request: str, key: str = "device") -> torch.device:

@@ -7,7 +7,7 @@ from torch import nn
 
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
-from fedtune.modeling import load_tokenizer
+from fedtune.bases import load_tokenizer
 from fedtune.training import Encoded, encode, evaluate
 
 EVAL_SUBSET_SEED = 12345  # the same test slice for every run, whatever its seed

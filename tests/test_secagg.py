@@ -112,7 +112,7 @@ class Recorder:
 
 def _strategy_class(name):
     from fedtune.strategies.fedavg import FedAvg
-    from fedtune.strategies.hetero import RANK_AWARE
+    from fedtune.strategies import RANK_AWARE
 
     return FedAvg if name == "fedavg" else RANK_AWARE[name]
 

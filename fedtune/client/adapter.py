@@ -12,7 +12,6 @@ them (it pairs them with the run's final global adapter).
 
 from __future__ import annotations
 
-import os
 
 from flwr.app import ConfigRecord, Context, Message
 from safetensors.torch import save as save_safetensors
@@ -27,7 +26,7 @@ from fedtune.compression.downlink import densify
 from fedtune.config import RunConfig
 from fedtune.modeling import load_trainable_state, trainable_state
 from fedtune.profiles import Profile, apply
-from fedtune.server.run_dir import client_state_file
+from fedtune.artifacts import atomic_write, client_state_file
 from fedtune.strategies.recipes import recipe_for
 
 LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this node
@@ -66,19 +65,10 @@ def save_personal(cfg: RunConfig, client: int, profile: Profile, tensors: dict[s
     if not folder:
         return
     path = client_state_file(folder, client)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"client": str(client), "profile": profile.name, "lora-rank": str(cfg.model.lora_rank),
             "strategy": cfg.federation.strategy, "round": str(server_round)}
     data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, data)
 
 
 def reply_adapter(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fedtune import wire
 from fedtune.config import RunConfig
-from fedtune.server.run_dir import client_state_file
+from fedtune.artifacts import client_state_file
 
 
 def saved_personal(cfg: RunConfig, client: int, msg: Message) -> dict[str, Tensor]:

@@ -10,5 +10,4 @@
 See docs/sparse.md. This module stays import-light (config validation reads ``CODECS``).
 """
 
-# The codec names (registered in fedtune.compression.codecs; a test keeps the two in sync).
-CODECS = ("none", "fp16", "int8", "int8-row", "topk", "dare")
+from fedtune.catalog import CODECS  # noqa: F401 - the codec names (tests/test_layering.py keeps them in sync)

@@ -21,7 +21,7 @@ from fedtune.config import RunConfig
 from fedtune.profiles import apply, lookup
 from fedtune.server.screen import SCREENS, BadUpdate, Screen, Sent, per_reply
 
-MASKS = "sparse-masks"  # RecordDict key, added by this screen: the sparse layers' masks
+MASKS = wire.MASKS  # RecordDict key, added by this screen: the sparse layers' masks (fedtune.wire_keys)
 
 
 def seeded_masks(cfg: RunConfig, reply: Message) -> MaskOf | None:

@@ -109,9 +109,6 @@ def _read_table(path: Path, cfg: DataConfig) -> TextDataset:
     return TextDataset(path.stem, names, full.subset(np.flatnonzero(~is_test)), full.subset(np.flatnonzero(is_test)))
 
 
-import fedtune.llm.corpus  # noqa: E402,F401  registers the dialog corpora (chatterbot, chatterbot-all)
-
-
 @functools.lru_cache(maxsize=4)
 def load_dataset(cfg: DataConfig) -> TextDataset:
     """The full dataset (cached per process). Clients then keep only their partition."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.artifacts import atomic_write
 from fedtune.deploy.errors import DeployError
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -60,11 +60,7 @@ class Credentials:
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     """Atomic write; private keys readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600 if private else None)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

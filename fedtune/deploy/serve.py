@@ -25,7 +25,7 @@ from fedtune.deploy.certs import Credentials
 from fedtune.deploy.checks import check_public_key, check_server_files, require_files
 from fedtune.deploy.errors import DeployError
 from fedtune.server.app import print_progress
-from fedtune.server.run_dir import SUMMARY, RunDir
+from fedtune.artifacts import SUMMARY, RunDir
 
 STATE_DIR = "superlink"
 POLL_S = 10.0  # seconds between run-status checks

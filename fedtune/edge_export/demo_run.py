@@ -18,7 +18,7 @@ from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
 from fedtune.modeling import build_model, load_tokenizer
-from fedtune.server.run_dir import RunDir
+from fedtune.artifacts import RunDir
 from fedtune.training import encode, train_local
 
 

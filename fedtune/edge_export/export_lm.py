@@ -43,7 +43,7 @@ def load_lm(run_dir: Path):
     from fedtune.edge_export.merge import _base_deltas, _run_files, for_export
     from fedtune.modeling import build_model
     from fedtune.profiles import server_model
-    from fedtune.server.run_dir import RunDir
+    from fedtune.artifacts import RunDir
 
     weights, labels_file = _run_files(run_dir)
     cfg = RunDir(run_dir).config()

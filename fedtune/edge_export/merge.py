@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fedtune.config import RunConfig
 from fedtune.edge_export.errors import ExportError
 from fedtune.edge_export.runtime import read_labels
+from fedtune.modeling import LogitsOnly
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -36,20 +37,9 @@ class LoadedRun:
     source: dict[str, Any] = field(default_factory=dict)  # what was loaded (for the export report)
 
 
-class LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits [B, C]: the exported signature."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def _run_files(run_dir: Path) -> tuple[Path, Path]:
     """(adapter weights, labels.json) of a finished run."""
-    from fedtune.server.run_dir import ADAPTER_DIR, CONFIG
+    from fedtune.artifacts import ADAPTER_DIR, CONFIG
 
     if not run_dir.is_dir():
         raise ExportError(f"run directory not found: {run_dir}")
@@ -81,7 +71,7 @@ def _base_deltas(run_dir: Path) -> dict[str, Tensor]:
     """{layer: dense delta} saved beside the adapter (FLoRA, FedEx-LoRA, FlexLoRA), or {}."""
     from safetensors.torch import load_file
 
-    from fedtune.server.run_dir import ADAPTER_DIR, BASE_DELTA_FILE
+    from fedtune.artifacts import ADAPTER_DIR, BASE_DELTA_FILE
 
     path = run_dir / ADAPTER_DIR / BASE_DELTA_FILE
     if not path.is_file():
@@ -106,7 +96,7 @@ def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
     from fedtune.adapters import set_base
     from fedtune.modeling import build_model, load_trainable_state
     from fedtune.profiles import server_model
-    from fedtune.server.run_dir import RunDir
+    from fedtune.artifacts import RunDir
 
     weights, labels_file = _run_files(run_dir)
     cfg = RunDir(run_dir).config()
@@ -144,7 +134,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 def _client_file(run_dir: Path, cfg: RunConfig, client: int) -> Path:
     """The client's personal tensors: in the run's client-state-dir, else ``RUN/clients``
     (a run directory that was moved or copied)."""
-    from fedtune.server.run_dir import CLIENTS_DIR, client_state_file
+    from fedtune.artifacts import CLIENTS_DIR, client_state_file
 
     folders = [f for f in (cfg.federation.client_state_dir, str(run_dir / CLIENTS_DIR)) if f]
     for folder in folders:

@@ -67,15 +67,15 @@ class LMEvaluator:
     def __init__(self, cfg, run_dir: str | Path | None = None) -> None:
         from fedtune.data import load_dataset
         from fedtune.evaluation import EVAL_SUBSET_SEED
-        from fedtune.modeling import load_tokenizer
-        from fedtune.tasks import task_of
+        from fedtune.bases import load_tokenizer
+        from fedtune.llm.data import encode_dialogs
 
         test = load_dataset(cfg.data).test
         if cfg.data.eval_size and cfg.data.eval_size < len(test):
             test = test.subset(np.sort(np.random.default_rng(EVAL_SUBSET_SEED).choice(len(test), cfg.data.eval_size,
                                                                                       replace=False)))
         self.tokenizer = load_tokenizer(cfg.model.model)
-        self.enc = task_of(cfg).encode(self.tokenizer, test, cfg.data.max_length)
+        self.enc = encode_dialogs(self.tokenizer, test, cfg.data.max_length)  # the causal-lm task's encoding
         self.batch_size, self.pad_id = cfg.train.eval_batch_size, self.tokenizer.pad_token_id or 0
         self.path = Path(run_dir) / GENERATIONS if run_dir is not None else None
         if self.path is not None:

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from fedtune.errors import ModelError
 from fedtune.wheels import wheel_file
@@ -92,27 +91,3 @@ def model_dir(name: str) -> Path:
 def source(name: str) -> str:
     """What ``fedtune.modeling.model_source`` returns for our causal-LM names."""
     return str(tokenizer_dir("smollm2") if name == "tiny-llama" else model_dir(name))
-
-
-def base_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
-    """The frozen base model: tiny-llama, bundled smollm2, or a local folder / cached HF id."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.utils import logging as hf_logging
-
-    from fedtune.modeling import load_tokenizer, model_source
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars in every simulation actor
-
-    if name == "tiny-llama":
-        tok = load_tokenizer(name)
-        cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, **TINY_LLAMA)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # every process builds the same frozen base
-            return AutoModelForCausalLM.from_config(cfg).to(DTYPES[dtype])
-    src = model_source(name)
-    try:
-        return AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load causal LM {name!r}: {str(exc).splitlines()[0][:200]}") from None

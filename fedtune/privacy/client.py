@@ -17,13 +17,13 @@ that cannot be read is an error, never a silent reset: a reset would spend the b
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 
+from fedtune.artifacts import atomic_write
 from fedtune.config import RunConfig
 from fedtune.privacy.accountant import PrivacyAccountant
 
@@ -71,26 +71,7 @@ def save_accountant(acc: PrivacyAccountant, cfg: RunConfig, context: Context, cl
     context.state[STATE_KEY] = ConfigRecord({"accountant": text})
     path = state_path(cfg, context, client)
     if path is not None:
-        _atomic_write(path, json.dumps({"client": client, "accountant": acc.state_dict()}))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(path, json.dumps({"client": client, "accountant": acc.state_dict()}))
 
 
 def release_head_sums(worker: Any, cfg: RunConfig, context: Context, client: int) -> tuple[Any, dict[str, float]]:

@@ -24,10 +24,11 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
-from torch import Tensor, nn
+from torch import nn
 
 from fedtune.config import TrainConfig
 from fedtune.device import placement_of, to_device
+from fedtune.modeling import LogitsOnly
 from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import PrivacyAccountant
 from fedtune.privacy.calibrate import Entry, calibrate, sample_rate
@@ -37,16 +38,7 @@ from fedtune.training import Encoded, make_optimizer, num_local_steps
 _OPACUS_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_processed")
 
 
-class LogitsModule(nn.Module):
-    """(input_ids, attention_mask) -> logits, positionally: the module opacus wraps.
-    It holds the peft model itself, so its parameters are the model's parameters."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, C]
+LogitsModule = LogitsOnly  # (input_ids, attention_mask) -> logits: the module opacus wraps (fedtune.modeling)
 
 
 def noise_multiplier(

@@ -271,10 +271,12 @@ def preflight(cfg: RunConfig) -> None:
     p = cfg.privacy
     if p.dp == "none":
         return
-    if p.client_level:
-        from fedtune.strategies import build_strategy
+    if p.client_level:  # what build_strategy does for the one strategy client-level DP takes (fedavg)
+        from fedtune.compat import check_robust_dp
+        from fedtune.strategies.fedavg import FedAvg, sampling
 
-        build_strategy(cfg)
+        check_robust_dp(cfg)
+        wrap_privacy(FedAvg(**sampling(cfg)), cfg)
         return
     if p.target_epsilon is not None:
         from fedtune.data import partition_indices

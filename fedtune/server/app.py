@@ -25,7 +25,7 @@ from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.screen import build_screens
 from fedtune.sparse.layer import zero_deltas
 from fedtune.server.resume import Offset, load_for_resume
-from fedtune.server.run_dir import BASE_DELTA_FILE, RunDir
+from fedtune.artifacts import BASE_DELTA_FILE, RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
 from fedtune.strategies.recipes import recipe_for

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import FIELDS, RunConfig, build_config
 from fedtune.errors import ConfigError
 from fedtune.server.app import run_federation
-from fedtune.server.run_dir import RunDir
+from fedtune.artifacts import RunDir
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"  # true: continue the run in run-dir from its last checkpoint (docs/robustness.md)

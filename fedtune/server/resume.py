@@ -11,7 +11,6 @@ the last checkpoint (the crash came between the two) is measured again, not dupl
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtune.artifacts import METRICS, atomic_write
 from fedtune.errors import FedtuneError
 from fedtune.server import checkpoint
-from fedtune.server.run_dir import METRICS
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -82,9 +81,7 @@ def truncate_metrics(run_path: str | Path, last_round: int) -> int:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):  # a row cut short by the crash
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
 
 
@@ -102,7 +99,7 @@ def load_for_resume(run_path: str | Path, rounds: int) -> checkpoint.Checkpoint:
 def resume_config(run_path: str | Path, config_file: str | None, overrides: list[str], out: str | None):
     """The RunConfig of the run in ``run_path`` (its config.json), refusing anything that would
     change it: a resumed run is the same run."""
-    from fedtune.server.run_dir import CONFIG, RunDir
+    from fedtune.artifacts import CONFIG, RunDir
 
     if config_file or overrides or (out and Path(out).resolve() != Path(run_path).resolve()):
         raise ResumeError("--resume continues a run with its own config.json: drop --config, --set and --out")

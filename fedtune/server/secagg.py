@@ -202,9 +202,7 @@ class SecAggPlus(Strategy):
             met[wire.WEIGHT] = weight
             content = RecordDict({wire.ARRAYS: ArrayRecord(dict(average.items())), wire.METRICS: MetricRecord(met)})
             if masks:
-                from fedtune.compression.screen import MASKS
-
-                content[MASKS] = wire.to_record(masks)
+                content[wire.MASKS] = wire.to_record(masks)
             if PROFILE in metrics:
                 content[wire.ADAPTER] = ConfigRecord({wire.PROFILE: str(metrics[PROFILE])})
             out.append(Message(content=content, reply_to=by_node[node]))

@@ -19,7 +19,7 @@ from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.data.partition import partition_indices, train_pool
 from fedtune.modeling import build_model, load_tokenizer
-from fedtune.server.run_dir import RunDir
+from fedtune.artifacts import RunDir
 from fedtune.tasks import task_of
 from fedtune.training import BatchStream, make_optimizer, num_local_steps, run_steps, warmup
 

@@ -18,7 +18,7 @@ from fedtune.data import load_dataset, partition_indices, train_sizes
 from fedtune.modeling import load_tokenizer, shared_model
 from fedtune.profiles import server_model
 from fedtune.server.app import Progress, make_server_app, print_progress
-from fedtune.server.run_dir import CLIENTS_DIR, RunDir
+from fedtune.artifacts import CLIENTS_DIR, RunDir
 from fedtune.strategies.recipes import recipe_for
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -66,3 +66,18 @@ class FedAdam(flwr_strategy.FedAdam, FedAvg):
 
 
 __all__ = ["FedAvg", "FedAvgM", "FedAdam", "aggregate_metricrecords", "ordered"]
+
+
+def sampling(cfg) -> dict:
+    """Flower's sampling arguments of every fedtune strategy, from a RunConfig."""
+    fed = cfg.federation
+    n = cfg.partition.num_clients
+    evaluate = fed.fraction_evaluate if cfg.partition.val_fraction > 0 else 0.0  # no local val data
+    return dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=evaluate,
+        min_train_nodes=min(fed.min_train_nodes, n),
+        min_evaluate_nodes=1 if evaluate > 0 else 0,
+        # wait for this many nodes only: a node lost mid-run must not stall every later round
+        min_available_nodes=min(fed.min_train_nodes, n),
+    )

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from fedtune.adapters import B_SUFFIX, split
 from fedtune.profiles import Profile
-from fedtune.strategies import lora as L
+import fedtune.strategies.lora as L
 from fedtune.strategies.aggregation import weighted_mean
 from fedtune.strategies.lora import ClientFactors, LoRAFactors
 from fedtune.strategies.rank_aware import GlobalState, RankAware, Update
-from fedtune.strategies.recipes import RECIPES
+from fedtune.catalog import STRATEGIES
+from fedtune.strategies.recipes import recipe_for
 
 F64 = torch.float64
 
@@ -57,7 +58,7 @@ class FLoRA(RankAware):
     """FLoRA (Wang et al., 2024): stacking gives the exact sum of the clients' updates; it is
     merged into every base weight and clients restart from fresh adapters each round."""
 
-    sends = ()  # clients train a fresh adapter: only the head and the base deltas go down
+    sends = STRATEGIES["flora"].sends  # (): clients train a fresh adapter; only the head and the base deltas go down
     rewrites = ("B",)  # the global adapter is reset: B = 0 (A, unused, stays as built)
 
     def combine(self, layer: str, clients: list[ClientFactors], g: GlobalState) -> tuple[LoRAFactors, Tensor | None]:
@@ -85,8 +86,8 @@ class FedExLoRA(RankAware):
 class FFALoRA(RankAware):
     """FFA-LoRA (Sun et al., 2024): A frozen at a shared seeded init, only B trained and sent."""
 
-    recipe = RECIPES["ffa"]
-    sends = ("B",)
+    recipe = recipe_for("ffa")
+    sends = STRATEGIES["ffa"].sends  # ("B",)
     rewrites = ("B",)  # A is the shared frozen A: never replaced (nor zero-padded)
 
     def combine(self, layer: str, clients: list[ClientFactors], g: GlobalState) -> tuple[LoRAFactors, Tensor | None]:
@@ -98,8 +99,8 @@ class FedSALoRA(RankAware):
     B. The server's *global* model (for evaluation only) uses the weighted mean of the
     clients' B; a profile's group model uses its own clients' mean B."""
 
-    recipe = RECIPES["fedsa"]
-    sends = ("A",)
+    recipe = recipe_for("fedsa")
+    sends = STRATEGIES["fedsa"].sends  # ("A",)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -121,14 +122,3 @@ class FedSALoRA(RankAware):
         for layer, B in self.group_B.get(profile.name, {}).items():
             view[layer + B_SUFFIX] = B
         return view
-
-
-RANK_AWARE: dict[str, type[RankAware]] = {
-    "fedavg": RankFedAvg,
-    "hetlora": HetLoRA,
-    "flexlora": FlexLoRA,
-    "flora": FLoRA,
-    "ffa": FFALoRA,
-    "fedsa": FedSALoRA,
-    "fedex": FedExLoRA,
-}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedtune.adapters import A_SUFFIX, set_trainable
+from fedtune.catalog import STRATEGIES
 from fedtune.strategies.lora import ffa_init_A
 
 
@@ -65,8 +66,12 @@ def shared_A(seed: int, layer: str, rank: int, d_in: int) -> Tensor:
     return _shared_A(seed, layer, rank, d_in)
 
 
-RECIPES: dict[str, ClientRecipe] = {"ffa": SharedFrozenA(), "fedsa": ClientRecipe(local=("lora_B",))}
+# The recipe kinds; each strategy names its own in the catalog (StrategyInfo.client).
+RECIPES: dict[str, ClientRecipe] = {"plain": ClientRecipe(), "shared-frozen-A": SharedFrozenA(),
+                                    "local-B": ClientRecipe(local=("lora_B",))}
 
 
 def recipe_for(strategy: str) -> ClientRecipe:
-    return RECIPES.get(strategy, ClientRecipe())
+    """The client recipe the catalog names for ``strategy`` (plain for a name it does not know)."""
+    info = STRATEGIES.get(strategy)
+    return RECIPES[info.client if info else "plain"]

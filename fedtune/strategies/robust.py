@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fedtune.errors import ConfigError
+from fedtune.compat import ROBUST_STRATEGIES, check_robust, check_robust_dp  # noqa: F401 - the rules
 from fedtune.registry import Registry
 
 Updates = Sequence[dict[str, Tensor]]
 Aggregator = Callable[[Updates, Sequence[float], object], dict[str, Tensor]]
 ROBUST: Registry[Aggregator | None] = Registry("robust aggregation")
-SUPPORTED = ("fedavg", "fedavgm", "fedadam")  # strategies whose aggregate is a mean of same-shape updates
+SUPPORTED = ROBUST_STRATEGIES  # strategies whose aggregate is a mean of same-shape updates (the catalog's flag)
 
 F64 = torch.float64
 
@@ -82,25 +82,11 @@ ROBUST.register("median")(lambda u, w, fed: coordinate_median(u))
 ROBUST.register("trimmed-mean")(lambda u, w, fed: trimmed_mean(u, fed.trim_fraction))
 
 
-def check_robust(fed) -> None:
-    """Refuse a robust mode with a strategy it does not apply to (FederationConfig)."""
-    if fed.robust not in ROBUST:
-        raise ConfigError(f"bad value robust={fed.robust!r}: must be one of {', '.join(ROBUST.names())}")
-    if fed.robust == "none":
-        return
-    if fed.strategy not in SUPPORTED or fed.profiles.strip():
-        raise ConfigError(f"bad value robust={fed.robust}: robust aggregation needs clients of one adapter shape "
-                          f"and one of strategy={'|'.join(SUPPORTED)} (got strategy={fed.strategy}"
-                          f"{', profiles=' + fed.profiles if fed.profiles.strip() else ''})")
-
-
 def robust_aggregator(cfg) -> Callable[[Updates, Sequence[float]], dict[str, Tensor]] | None:
     """The run's robust aggregation as a function of (updates, weights), or None (the mean)."""
     fn = ROBUST.get(cfg.federation.robust)
     if fn is None:
         return None
-    if cfg.privacy.client_level:
-        raise ConfigError(f"bad value robust={cfg.federation.robust}: client-level DP calibrates its noise to the "
-                          f"mean of clipped updates; it does not compose with robust aggregation")
+    check_robust_dp(cfg)
     fed = cfg.federation
     return lambda updates, weights: fn(updates, weights, fed)

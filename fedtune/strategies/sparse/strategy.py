@@ -13,7 +13,6 @@ from flwr.serverapp import Grid
 
 from fedtune import wire
 from fedtune.compression.downlink import sparsify
-from fedtune.compression.screen import MASKS
 from fedtune.strategies.fedavg import FedAvg, ordered
 from fedtune.strategies.sparse import mask_aware_mean, union_fraction
 
@@ -33,10 +32,10 @@ def _sparse_down(msgs: Iterable[Message]) -> list[Message]:
 
 def _take_masks(m: Message) -> dict:
     """Remove the decode screen's masks from a reply and return them ({} if absent)."""
-    if m.has_error() or MASKS not in m.content:
+    if m.has_error() or wire.MASKS not in m.content:
         return {}
-    masks = wire.from_record(m.content[MASKS])
-    del m.content[MASKS]
+    masks = wire.from_record(m.content[wire.MASKS])
+    del m.content[wire.MASKS]
     return masks
 
 
