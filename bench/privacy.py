@@ -105,7 +105,8 @@ def audit(base: dict, epsilons: list[float], canaries: int) -> None:
         rows.append(["inf (no DP)" if math.isinf(eps) else f"{eps:g}", f"{acc:.3g}" if math.isfinite(acc) else "-",
                      f"{summary['epsilon_audit']:.3g} [{summary['epsilon_audit_low']:.3g}, "
                      f"{summary['epsilon_audit_high']:.3g}]",
-                     "yes" if not math.isfinite(acc) or summary["epsilon_audit"] <= acc else "**NO**",
+                     # sound: the interval reaches the accountant (a tight accountant puts the point near it)
+                     "yes" if not math.isfinite(acc) or summary["epsilon_audit_low"] <= acc else "**NO**",
                      f"{summary['final_accuracy']:.3f}"])
     cfg = resolve("default", overrides={**base, "head-init": "random"})
     fed = cfg.federation
@@ -117,9 +118,10 @@ def audit(base: dict, epsilons: list[float], canaries: int) -> None:
         f"{cfg.privacy.clip_norm}, delta {cfg.privacy.delta}, {cfg.privacy.accountant} accountant, head-init=random), "
         f"{canaries} canary clients and as many never-inserted directions (`audit-canaries`, Andrew et al., "
         "ICLR 2024). `epsilon_audit` estimates what the final model alone reveals; the accountant bounds every "
-        "round's model, so the audit must stay at or below it (docs/privacy.md).",
+        "round's model, so the audit must not exceed it beyond its own sampling error: the interval's low end "
+        "stays at or below it (docs/privacy.md).",
         "",
-        common.table(["target epsilon", "accountant epsilon", "epsilon_audit [95% CI]", "audit <= accountant",
+        common.table(["target epsilon", "accountant epsilon", "epsilon_audit [95% CI]", "CI low end <= accountant",
                       "final acc"], rows),
     ])
     common.write_section("privacy-audit", body)
