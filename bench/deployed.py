@@ -120,10 +120,10 @@ def main() -> None:
         f"Mean: deployed {d:.2f} s, simulated {s:.2f} s, **ratio {d / s:.2f}** (goal <= 1.2). Model builds per "
         f"node over the run: {builds}. Each node's worker spent {work_s:.2f} s on a train message (rounds 2..{args.rounds}, "
         "its own log); the rest of a deployed round is Flower's: the SuperNode's 3 s idle poll of the SuperLink, "
-        "a fresh `flwr-clientapp` process per message (Python and Flower's imports, the app bundle installed), "
-        "the ServerApp's 3 s poll for replies. That cost is fixed per round: it dominates with a small model and "
-        f"a short local run, and shrinks in proportion as local training grows. Load average (1 min) at the start: "
-        f"{load[0]:.1f} on {os.cpu_count()} cores, other jobs running.",
+        "a fresh `flwr-clientapp` process per message (Python and Flower's imports, the app bundle installed) "
+        "(the server polls for replies every 0.1 s: fedtune.server.nodes). That cost is fixed per round: it "
+        "dominates with a small model and a short local run, and shrinks in proportion as local training grows. "
+        f"Load average (1 min) at the start: {load[0]:.1f} on {os.cpu_count()} cores.",
     ])
     common.write_section("deployed", body)
 
