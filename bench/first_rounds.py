@@ -30,8 +30,7 @@ def run(recipes: list[str], base: dict[str, str], progress=print) -> list[dict]:
     from fedtune.head_init import HEAD_INITS, client_head_stats, set_head
     from fedtune.modeling import load_trainable_state, shared_model, trainable_state
     from fedtune.presets import resolve
-    from fedtune.strategies.aggregation import weighted_mean
-    from fedtune.training import client_seed, train_local
+    from fedtune.simulations.sequential import fedavg_round
 
     heads, evals, results = {}, {}, []
     for spec in recipes:
@@ -61,14 +60,7 @@ def run(recipes: list[str], base: dict[str, str], progress=print) -> list[dict]:
         per_round = max(int(n * cfg.federation.fraction_train), min(cfg.federation.min_train_nodes, n))
         for r in range(1, cfg.federation.rounds + 1):
             clients = sorted(rng.choice(n, per_round, replace=False)) if per_round < n else range(n)
-            states, weights = [], []
-            for c in clients:
-                w = get_worker(cfg, int(c))
-                load_trainable_state(w.model, state)
-                train_local(w.model, w.data.train, cfg.train, client_seed(cfg.federation.seed, r, int(c)), w.pad_id)
-                states.append(trainable_state(w.model))
-                weights.append(float(len(w.data.train)))
-            mean = weighted_mean(states, weights)
+            mean = fedavg_round(cfg, state, clients, r)  # the plain loop's round
             state = {k: state[k] + cfg.federation.server_lr * (mean[k] - state[k]) for k in state}
             load_trainable_state(model, state)
             rows.append(ev(model))

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from fedtune.client.worker import get_worker
 from fedtune.config import RunConfig
@@ -17,6 +18,18 @@ from fedtune.modeling import load_trainable_state, shared_model, trainable_state
 from fedtune.strategies.aggregation import weighted_mean
 from fedtune.head_init import HEAD_INITS, client_head_stats, set_head
 from fedtune.training import client_seed, train_local
+
+
+def fedavg_round(cfg: RunConfig, state: dict[str, Tensor], clients, server_round: int) -> dict[str, Tensor]:
+    """One round: each client trains from ``state`` on its own data; the example-weighted mean."""
+    states, weights = [], []
+    for c in clients:
+        w = get_worker(cfg, int(c))
+        load_trainable_state(w.model, state)
+        train_local(w.model, w.data.train, cfg.train, client_seed(cfg.federation.seed, server_round, int(c)), w.pad_id)
+        states.append(trainable_state(w.model))
+        weights.append(float(len(w.data.train)))
+    return weighted_mean(states, weights)
 
 
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
@@ -40,14 +53,7 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     for r in range(1, cfg.federation.rounds + 1):
         t = time.perf_counter()
         clients = sorted(rng.choice(n, per_round, replace=False)) if per_round < n else range(n)
-        states, weights = [], []
-        for c in clients:
-            w = get_worker(cfg, int(c))
-            load_trainable_state(w.model, state)
-            train_local(w.model, w.data.train, cfg.train, client_seed(cfg.federation.seed, r, int(c)), w.pad_id)
-            states.append(trainable_state(w.model))
-            weights.append(float(len(w.data.train)))
-        state = weighted_mean(states, weights)
+        state = fedavg_round(cfg, state, clients, r)
         load_trainable_state(model, state)
         rows.append({"round": r, **evaluator(model), "seconds": time.perf_counter() - t})
         progress(f"round {r}: accuracy {rows[-1]['accuracy']:.4f}  {rows[-1]['seconds']:.1f} s")
