@@ -4,7 +4,8 @@ Runs, on the same data, model, adapter and budget, for each partition and seed:
   - fedtune's defaults (closed-form or FedNCM head init, separate head learning rate);
   - optionally (``--naive``) the same federation with naive settings (random head, one
     learning rate: what a plain Flower + peft FedAvg does);
-  - the centralized ceiling (`fedtune centralized`: pooled data, same optimizer steps).
+  - the centralized ceiling (`fedtune centralized`: pooled data, same optimizer steps, the same
+    head-init fitted on pooled examples).
 
 Every run goes to the largest of ``--rounds`` and is read at each of them (local training
 does not depend on the total number of rounds, so round 4 of an 8-round run is the 4-round
@@ -104,7 +105,8 @@ def main() -> None:
         f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
         f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
         f"{args.seeds} run seed(s) per cell, mean ± 95% Student-t interval. Centralized = the same adapter on the "
-        "pooled data with the same number of optimizer steps (equal passes, random head), evaluated at each "
+        "pooled data with the same number of optimizer steps (equal passes) from the same head-init fitted on "
+        "pooled examples, evaluated at each "
         "round-equivalent.",
         "",
         common.table(header, rows),

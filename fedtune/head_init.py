@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -254,3 +255,18 @@ def client_head_stats(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: 
     build_stats = HEAD_INITS.get(cfg.head_init).stats
     stats = build_stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
     return {k: v.float() for k, v in stats.items()}, n
+
+
+def pooled_head(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: int, num_clients: int, seed: int) -> int:
+    """The centralized counterpart of the federated head: ``head-init``'s statistics of a seeded
+    sample of the pooled examples (as many as the federation's clients send together:
+    ``head-init-examples`` x ``num_clients``), built into ``model``'s head. Returns the examples
+    used. The ceiling thus starts from the same kind of head as the federation (for ``ridge``
+    the same closed form, fitted on pooled rather than per-client samples)."""
+    n = min(len(enc), cfg.head_init_examples * num_clients)
+    pick = np.random.default_rng(seed).permutation(len(enc))[:n]
+    sub = Encoded(tuple(enc.ids[i] for i in pick), enc.labels[pick])
+    init = HEAD_INITS.get(cfg.head_init)
+    stats = init.stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
+    set_head(model, *init.build([{k: v.float() for k, v in stats.items()}], cfg))
+    return n

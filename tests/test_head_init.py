@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from fedtune.head_init import ncm_head
@@ -168,5 +169,33 @@ def test_clients_ridge_statistics_through_the_wire_give_the_pooled_head():
     wc, bc = _centralized_lda(x, y, 20, 0.2)
     ours, theirs = x @ weight.double().T + bias.double(), cfg.train.head_ridge_scale * (x @ wc.T + bc)
     ours, theirs = ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
+
+
+def test_centralized_ceiling_starts_from_the_federations_ridge_head():
+    """pooled_head (the centralized run's round 0) on the clients' pooled rows is the head the
+    federation builds from the clients' statistics: the closed form is the same either way."""
+    from fedtune.client.worker import get_worker
+    from fedtune.head_init import HEAD_INITS, client_head_stats, head_features, head_module, pooled_head
+    from fedtune.training import Encoded
+
+    from fedtune.presets import resolve
+
+    cfg = resolve("tiny", overrides={"head-init": "ridge", "head-init-examples": "100000", "dirichlet-alpha": "0.1",
+                                      "max-length": "16"})
+    workers = [get_worker(cfg, c) for c in range(cfg.partition.num_clients)]
+    fed_w, fed_b = HEAD_INITS.get("ridge").build(
+        [client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)[0] for w in workers], cfg.train)
+    pooled = Encoded(tuple(i for w in workers for i in w.data.train.ids),
+                     np.concatenate([w.data.train.labels for w in workers]))
+    model = workers[0].model
+    n = pooled_head(model, pooled, cfg.train, workers[0].pad_id, cfg.partition.num_clients, seed=3)
+    assert n == len(pooled)  # the cap (head-init-examples x clients) is above the pool here
+    head = head_module(model)
+    x, _ = head_features(model, pooled, 64, workers[0].pad_id)
+    with torch.no_grad():
+        x = x.double()
+        ours, theirs = x @ head.weight.double().T + head.bias.double(), x @ fed_w.double().T + fed_b.double()
     assert (ours.argmax(1) == theirs.argmax(1)).all()
     assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())

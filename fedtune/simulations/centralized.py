@@ -2,7 +2,8 @@
 
 Budget = the federation's optimizer steps (rounds x clients per round x local steps) at the
 same batch size, so both see the same number of examples ("equal passes"). Evaluated on the
-same test slice at the same points as the federation's rounds.
+same test slice at the same points as the federation's rounds. The head starts where the
+federation's does: ``head-init`` (ridge / ncm) fitted on pooled examples (``pooled_head``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.data.partition import partition_indices, train_pool
+from fedtune.head_init import pooled_head
 from fedtune.modeling import build_model, load_tokenizer
 from fedtune.artifacts import RunDir
 from fedtune.tasks import task_of
@@ -45,6 +47,8 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
     evaluator = task_of(cfg).evaluator(cfg)
     steps_per_round, _ = federated_budget(cfg)
+    if cfg.train.head_init != "random":  # the federation's round-0 head, fitted on pooled examples
+        pooled_head(model, enc, cfg.train, tok.pad_token_id or 0, cfg.partition.num_clients, cfg.federation.seed)
     # one optimizer for the whole run, evaluated at each round-equivalent
     torch.manual_seed(cfg.federation.seed)
     opt = make_optimizer(model, cfg.train)
