@@ -149,6 +149,32 @@ def test_no_import_cycles() -> None:
     assert _cycles(import_graph()) == []
 
 
+def _external_imports(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (anywhere in the file, TYPE_CHECKING aside)."""
+    tree = ast.parse(path.read_text())
+    skip = _type_only(tree)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_edge_export_reads_run_files_only() -> None:
+    """Run files are the contract between training and export (docs/architecture.md): no module
+    of fedtune.edge_export imports strategy code, the server or Flower."""
+    graph = import_graph()
+    banned = ("fedtune.strategies", "fedtune.server", "flwr")
+    found = sorted(f"{mod} -> {dep}" for mod, path in modules().items() if mod.startswith("fedtune.edge_export")
+                   for dep in graph[mod] | _external_imports(path)
+                   if any(dep == b or dep.startswith(b + ".") for b in banned))
+    assert found == [], "edge_export imports training code:\n" + "\n".join(found)
+
+
 def test_the_graph_sees_imports_inside_functions() -> None:
     """The checker is not blind: a function-level import is an arrow."""
     graph = import_graph()

@@ -207,6 +207,21 @@ class RankAware(FedAvg):
         """The adapter a client of ``profile`` runs with (FedSA adds its group's mean B)."""
         return self.view(g, profile)
 
+    def model_view(self, g: GlobalState, profile: Profile, group: bool = True) -> dict[str, Tensor]:
+        """Every trainable tensor of the model a client of ``profile`` runs, under its own
+        model's names (what the server writes to ``RUN/views``): what it receives (``group``:
+        with its group's B, FedSA; else what it is sent) and, for the parts it is not sent,
+        what it runs with: FFA's shared A (the first r rows of the global A), B = 0 (a fresh
+        adapter: FLoRA's, whose A then has no effect)."""
+        layers, head = split(g.trainable)
+        got = split(self.group_view(g, profile) if group else self.view(g, profile))[0]
+        rank, out = profile.lora_rank, {}
+        for layer in sorted(deepest(layers, profile.layers)):
+            parts, mine = layers[layer], got.get(layer, {})
+            out[layer] = {"A": mine.get("A", parts["A"][:rank]).float().contiguous(),
+                          "B": mine.get("B", torch.zeros(parts["B"].shape[0], rank)).float().contiguous()}
+        return join(out, head)
+
     def lift(self, g: GlobalState, profile: Profile) -> dict[str, Tensor]:
         """A client's model in the server model's shape: rank zero-padded to R, B rescaled
         from the client's scale to the server's, layers it lacks with B = 0."""
