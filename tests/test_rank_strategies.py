@@ -205,10 +205,10 @@ def test_head_is_the_example_weighted_mean_and_groups_are_reported() -> None:
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"metrics": {wire.RANK: 4}}, "states profile 'small' rank 4"),
-    ({"stated": "big"}, "states profile 'big'"),
-    ({"metrics": {wire.SCALE: 1.0}}, "scale 1.0"),
-    ({"metrics": {wire.ALPHA: 16.0}}, "alpha 16.0"),
+    ({"metrics": {wire.RANK: 4}}, "client 1 states rank 4; profile 'small' has rank 2"),
+    ({"stated": "big"}, "client 1 states profile 'big'; the node joined as 'small'"),
+    ({"metrics": {wire.SCALE: 1.0}}, "scale 1; the run has alpha 8, rslora False, scale 4 at rank 2"),
+    ({"metrics": {wire.ALPHA: 16.0}}, "states alpha 16, rslora False"),
 ])
 def test_stated_adapter_is_checked(bad: dict, match: str) -> None:
     cfg = run_cfg("flora")
