@@ -309,3 +309,16 @@ def test_the_adapter_folder_is_published_atomically(runs, tmp_path, monkeypatch)
         run.save_adapter(model, ("b",) * 20, {"x": torch.zeros(2)})
     assert [p.name for p in run.path.iterdir()] == ["adapter"]
     assert {p.name: p.read_bytes() for p in (run.path / "adapter").iterdir()} == before
+
+
+def test_a_failure_writing_the_views_loses_none_of_the_runs_results(tmp_path, monkeypatch, capsys, task_identity):
+    import fedtune.server.app as server_app
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server_app, "save_views", broken)
+    run = federate(tmp_path / "run", "hetlora", rounds="1", **{"num-clients": "2"})
+    assert run.summary()["rounds"] == 1 and (run.path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run.path / VIEWS_DIR).exists()
+    assert "fedtune: warning: the model views were not written (OSError: disk full)" in capsys.readouterr().err
