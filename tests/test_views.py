@@ -220,6 +220,13 @@ def test_a_run_without_views_is_a_one_line_error_naming_the_file(runs, tmp_path,
     shutil.copy(runs["fedsa"].path / VIEWS_DIR / "index.json", old / VIEWS_DIR)  # the index, not the file
     with pytest.raises(ExportError, match=r"client-2.safetensors is missing: resume the run"):
         load_client(old, 2)
+    index = json.loads((old / VIEWS_DIR / "index.json").read_text())
+    index["clients"].pop("1")
+    index["skipped"]["1"] = "no readable personal file in the client-state-dir"  # as the server says it
+    (old / VIEWS_DIR / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match=r"no view of client 1 in .*views \(no readable personal file in the "
+                                          r"client-state-dir\): the server writes it at the end of the run"):
+        load_client(old, 1)
 
 
 def test_client_export_of_a_strategy_without_personal_tensors_is_refused(runs):

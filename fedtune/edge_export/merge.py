@@ -184,7 +184,7 @@ def load_client(run_dir: str | Path, client: int) -> LoadedRun:
     from fedtune.artifacts import VIEWS_DIR, RunDir
 
     run_dir = Path(run_dir)
-    _run_files(run_dir)
+    _, labels_file = _run_files(run_dir)
     cfg = RunDir(run_dir).config()
     index = _views(run_dir, f"--client {client}")
     strategy = index.get("strategy", cfg.federation.strategy)
@@ -199,7 +199,7 @@ def load_client(run_dir: str | Path, client: int) -> LoadedRun:
         raise ExportError(
             f"no view of client {client} in {run_dir / VIEWS_DIR} ({why}): the server writes it at the end of the run "
             "from the client's personal file in the run's client-state-dir; put it there and resume the run")
-    labels = read_labels(_run_files(run_dir)[1])
+    labels = read_labels(labels_file)
     path = run_dir / VIEWS_DIR / entry["file"]
     model = _load_view(run_dir, cfg, labels, path, entry["profile"])
     source = {"model": "client", "client": client, "strategy": strategy, "profile": entry["profile"],
