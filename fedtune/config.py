@@ -17,6 +17,7 @@ from typing import Any
 
 from fedtune import catalog, compat
 from fedtune.errors import ConfigError
+from fedtune.flat_keys import coerce, key_of
 from fedtune.profile_specs import check as check_profiles, to_def
 
 
@@ -348,8 +349,7 @@ class RunConfig:
 SECTIONS = ("data", "partition", "model", "train", "federation", "privacy")
 
 
-def _key(name: str) -> str:
-    return name.replace("_", "-")
+_key = key_of
 
 
 def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -366,35 +366,11 @@ FIELDS = _field_index()
 
 
 def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
-    """Turn a TOML/JSON value or a --set string into the field's type."""
-    kind = f.type
+    """Turn a TOML/JSON value or a --set string into the field's type (fedtune.flat_keys)."""
     try:
-        if kind.endswith(" | None"):  # optional: none/null/empty unsets it
-            if raw is None or str(raw).strip().lower() in ("", "none", "null"):
-                return None
-            kind = kind.removesuffix(" | None")
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            if str(raw).lower() in ("true", "1", "yes"):
-                return True
-            if str(raw).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind == "int":
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw)
-        if kind == "float":
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if kind.startswith("tuple"):
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            return tuple(str(x).strip() for x in items if str(x).strip())
-        return str(raw)
+        return coerce(raw, f.type)
     except (TypeError, ValueError):
-        raise ConfigError(f"bad value {key}={raw!r}: expected {kind}") from None
+        raise ConfigError(f"bad value {key}={raw!r}: expected {f.type.removesuffix(' | None')}") from None
 
 
 def build_config(

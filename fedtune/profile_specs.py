@@ -14,6 +14,7 @@ from typing import Any
 
 from fedtune.catalog import check_device
 from fedtune.errors import ConfigError
+from fedtune.flat_keys import coerce, fields_by_key
 from fedtune.registry import Registry
 
 AUTO = "auto"
@@ -63,16 +64,12 @@ for _p in (Profile("gpu-large", 16, num_gpus=1.0), Profile("gpu-medium", 16, num
 
 def flag(raw: str) -> bool:
     """A profile's on/off field: 1/true/yes or 0/false/no."""
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    if raw.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(raw)
+    return coerce(raw, "bool")
 
 
-_FIELDS = {"lora-rank": int, "layers": int, "batch-size": int, "local-steps": int, "num-cpus": int, "num-gpus": float,
-           "sparse-density": float, "base-dtype": str, "gradient-checkpointing": flag, "device": str,
-           "base-quant": str}
+# A profile's keys: its fields but the name, hyphenated (fedtune.flat_keys); values parse as their annotated types.
+_FIELDS = {k: f for k, f in fields_by_key(Profile).items() if k != "name"}
+_TYPE_NAMES = {"bool": "flag"}  # what an error calls a field's type
 
 
 def parse_def(spec: str) -> Profile:
@@ -83,10 +80,11 @@ def parse_def(spec: str) -> Profile:
         key, sep, raw = item.partition("=")
         if not sep or key not in _FIELDS:
             raise ConfigError(f"bad profile {name!r}: {item!r}; fields: {', '.join(_FIELDS)}")
+        kind = _FIELDS[key].type.removesuffix(" | None")  # "none" is no value: leave the field out to inherit
         try:
-            values[key.replace("-", "_")] = _FIELDS[key](raw)
+            values[_FIELDS[key].name] = coerce(raw, kind)
         except ValueError:
-            raise ConfigError(f"bad profile {name!r}: {key}={raw!r} is not a {_FIELDS[key].__name__}") from None
+            raise ConfigError(f"bad profile {name!r}: {key}={raw!r} is not a {_TYPE_NAMES.get(kind, kind)}") from None
     if "lora_rank" not in values:
         raise ConfigError(f"bad profile {name!r}: lora-rank is required")
     return Profile(name, **values)

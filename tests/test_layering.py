@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     # and leaf utilities that import nothing of fedtune but errors
     "fedtune.errors": 1, "fedtune.registry": 1, "fedtune.wire_keys": 1, "fedtune.catalog": 1,
     "fedtune.deploy.errors": 1, "fedtune.edge_export.errors": 1, "fedtune.wheels": 1, "fedtune.deploy.processes": 1,
+    "fedtune.flat_keys": 1,  # the one parser of flat key values (config and profiles)
     # 2 config: schema and per-field checks (config, profile specs, presets) and compat, the cross-section rules
     "fedtune.compat": 2, "fedtune.config": 2, "fedtune.profile_specs": 2, "fedtune.presets": 2,
     # 3 math: pure functions on tensors (torch only), devices, the wire format
@@ -147,6 +148,32 @@ def test_every_module_has_a_layer_and_imports_only_downward() -> None:
 
 def test_no_import_cycles() -> None:
     assert _cycles(import_graph()) == []
+
+
+def _external_imports(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (anywhere in the file, TYPE_CHECKING aside)."""
+    tree = ast.parse(path.read_text())
+    skip = _type_only(tree)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_edge_export_reads_run_files_only() -> None:
+    """Run files are the contract between training and export (docs/architecture.md): no module
+    of fedtune.edge_export imports strategy code, the server or Flower."""
+    graph = import_graph()
+    banned = ("fedtune.strategies", "fedtune.server", "flwr")
+    found = sorted(f"{mod} -> {dep}" for mod, path in modules().items() if mod.startswith("fedtune.edge_export")
+                   for dep in graph[mod] | _external_imports(path)
+                   if any(dep == b or dep.startswith(b + ".") for b in banned))
+    assert found == [], "edge_export imports training code:\n" + "\n".join(found)
 
 
 def test_the_graph_sees_imports_inside_functions() -> None:

@@ -205,10 +205,10 @@ def test_head_is_the_example_weighted_mean_and_groups_are_reported() -> None:
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"metrics": {wire.RANK: 4}}, "states profile 'small' rank 4"),
-    ({"stated": "big"}, "states profile 'big'"),
-    ({"metrics": {wire.SCALE: 1.0}}, "scale 1.0"),
-    ({"metrics": {wire.ALPHA: 16.0}}, "alpha 16.0"),
+    ({"metrics": {wire.RANK: 4}}, "client 1 states rank 4; profile 'small' has rank 2"),
+    ({"stated": "big"}, "client 1 states profile 'big'; the node joined as 'small'"),
+    ({"metrics": {wire.SCALE: 1.0}}, "scale 1; the run has alpha 8, rslora False, scale 4 at rank 2"),
+    ({"metrics": {wire.ALPHA: 16.0}}, "states alpha 16, rslora False"),
 ])
 def test_stated_adapter_is_checked(bad: dict, match: str) -> None:
     cfg = run_cfg("flora")
@@ -316,13 +316,13 @@ def test_fedsa_client_keeps_its_B_in_context_state_across_rounds() -> None:
     # round 2: a new global A arrives; B is this node's own, not the server's
     layers, head = split(g.trainable)
     g2 = GlobalState(join({l: {"A": p["A"] + 1.0, "B": p["B"] + 5.0} for l, p in layers.items()}, head), {})
-    _, _, worker = prepare(_client_msg(cfg, strategy.node_arrays(g2.encode(), edge), 2), ctx)
+    worker = prepare(_client_msg(cfg, strategy.node_arrays(g2.encode(), edge), 2), ctx).worker
     now = trainable_state(worker.model)
     assert all(torch.equal(now[k], kept[k]) for k in kept)
     assert all(torch.equal(now[k], layers[k[: -len(A_SUFFIX)]]["A"][:2] + 1.0) for k in now if k.endswith(A_SUFFIX))
     # another node (empty state) starts from B = 0, as built
     other = Context(run_id=1, node_id=202, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
-    _, _, worker = prepare(_client_msg(cfg, strategy.node_arrays(g2.encode(), edge), 2), other)
+    worker = prepare(_client_msg(cfg, strategy.node_arrays(g2.encode(), edge), 2), other).worker
     assert all(v.abs().max() == 0 for k, v in trainable_state(worker.model).items() if k.endswith(B_SUFFIX))
 
 
@@ -341,7 +341,7 @@ def test_ffa_client_freezes_the_shared_A_and_sends_only_B() -> None:
     g = GlobalState(trainable_state(server), {})
     msg = _client_msg(cfg, STRATEGIES.get("ffa")(cfg).node_arrays(g.encode(), lookup(cfg, "edge")), 1)
     ctx = Context(run_id=1, node_id=101, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    _, _, worker = prepare(msg, ctx)
+    worker = prepare(msg, ctx).worker
     A = {n: p for n, p in worker.model.named_parameters() if n.endswith(A_SUFFIX)}
     assert A and all(not p.requires_grad for p in A.values())
     for n, p in A.items():

@@ -6,12 +6,13 @@ fully determines the model it runs on: which tensors train (the strategy's recip
 frozen base (``set_base``: absolute, W0 + delta), and the trainable tensors, taken from the
 message, else from this node's own ``context.state`` (FedSA's B), else as built (a fresh
 adapter, FLoRA). With a ``client-state-dir`` the personal tensors also go to
-``client-<id>.safetensors`` after every training round: ``fedtune export --client ID`` reads
-them (it pairs them with the run's final global adapter).
+``client-<id>.safetensors`` after every training round: at the end of the run the server
+makes them this client's view (``RUN/views``, fedtune.server.views) for ``fedtune export --client ID``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message
 from safetensors.torch import save as save_safetensors
@@ -19,42 +20,58 @@ from torch import Tensor
 
 from fedtune import wire
 from fedtune.adapters import scalings, set_base
-from fedtune.client.node import local_data, node_device, profile_of
+from fedtune.client.node import local_data, resolve
 from fedtune.client.restore import saved_personal
 from fedtune.client.worker import Worker, get_worker
 from fedtune.compression.downlink import densify
 from fedtune.config import RunConfig
 from fedtune.modeling import load_trainable_state, trainable_state
-from fedtune.profiles import Profile, apply
+from fedtune.profiles import Profile
 from fedtune.artifacts import atomic_write, client_state_file
 from fedtune.strategies.recipes import recipe_for
 
 LOCAL = "fedtune-local"  # context.state key: the tensors that never leave this node
 
 
-def node_profile(cfg: RunConfig, context: Context) -> Profile:
-    return profile_of(cfg, context)  # declared in the node config (profiles=auto), else assigned
+@dataclass(frozen=True)
+class Prepared:
+    """One message's client: the run as this node runs it and its worker, loaded."""
+
+    cfg: RunConfig  # the run config with this node's profile and device applied
+    client: int
+    profile: Profile
+    worker: Worker
 
 
-def prepare(msg: Message, context: Context) -> tuple[RunConfig, int, Worker]:
-    """(the run config as this client runs it, its client id, its worker with the model
-    loaded as the message says)."""
-    run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
-    client = int(context.node_config["partition-id"])
-    cfg = node_device(apply(run, node_profile(run, context)), context)  # a device the node declares wins
-    worker = get_worker(*local_data(cfg, client, context))  # deployed: the node's own data, if it has some
+def prepare(msg: Message, context: Context) -> Prepared:
+    """One pass down the layers: resolve this node's config and profile once
+    (fedtune.client.node), get its worker (model, data), load the state the message carries."""
+    me = resolve(msg, context)
+    worker = get_worker(*local_data(me.cfg, me.client, context))  # deployed: the node's own data, if it has some
+    load_state(worker, me.cfg, me.client, msg, context)
+    return Prepared(me.cfg, me.client, me.profile, worker)
+
+
+def load_state(worker: Worker, cfg: RunConfig, client: int, msg: Message, context: Context) -> None:
+    """The model as the message says: the frozen base (W0 + the base deltas it carries), which
+    tensors train (the strategy's recipe), and the trainable tensors: the message's, else this
+    node's own (FedSA's B: from ``context.state``, after a restart from its client-state-dir
+    file), else as built (a fresh adapter, FLoRA)."""
+    arrays = densify(wire.from_record(msg.content[wire.ARRAYS]))  # a sparse downlink, made dense
+    base, received = wire.split_base(arrays)
     recipe = recipe_for(cfg.federation.strategy)
+    own: dict[str, Tensor] = {}
+    if recipe.local:  # only the tensors it keeps, of this model's shapes
+        saved = wire.from_record(context.state[LOCAL]) if LOCAL in context.state else saved_personal(cfg, client, msg)
+        own = {k: v for k, v in saved.items() if recipe.keeps(k) and k in worker.initial
+               and v.shape == worker.initial[k].shape}
     recipe.prepare(worker.model, worker.initial, cfg.federation.seed)
-    base, received = wire.split_base(densify(wire.from_record(msg.content[wire.ARRAYS])))  # sparse downlink
     set_base(worker.model, base)
     names = [n for n, p in worker.model.named_parameters() if p.requires_grad]
     state = {n: worker.initial[n] for n in names}
-    if recipe.local:  # this node's own tensors; after a restart, from its client-state-dir file
-        local = wire.from_record(context.state[LOCAL]) if LOCAL in context.state else saved_personal(cfg, client, msg)
-        state.update({k: v for k, v in local.items() if k in state and recipe.keeps(k) and v.shape == state[k].shape})
+    state.update({k: v for k, v in own.items() if k in state})
     state.update(received)
     load_trainable_state(worker.model, state)
-    return cfg, client, worker
 
 
 def save_personal(cfg: RunConfig, client: int, profile: Profile, tensors: dict[str, Tensor], server_round: int) -> None:
@@ -71,20 +88,19 @@ def save_personal(cfg: RunConfig, client: int, profile: Profile, tensors: dict[s
     atomic_write(path, data)
 
 
-def reply_adapter(
-    cfg: RunConfig, worker: Worker, context: Context, server_round: int = 0
-) -> tuple[dict[str, float | int], ConfigRecord]:
+def reply_adapter(me: Prepared, context: Context, server_round: int = 0) -> tuple[dict[str, float | int], ConfigRecord]:
     """After training: keep this node's local tensors in ``context.state`` (and, with a
     client-state-dir, in its file), and return what the reply states (MetricRecord entries:
     rank, alpha, scale, rsLoRA; ConfigRecord: profile)."""
+    cfg, worker = me.cfg, me.worker
     recipe = recipe_for(cfg.federation.strategy)
     if recipe.local:
         mine = {k: v for k, v in trainable_state(worker.model).items() if recipe.keeps(k)}
         context.state[LOCAL] = wire.to_record(mine)
-        save_personal(cfg, int(context.node_config["partition-id"]), node_profile(cfg, context), mine, server_round)
+        save_personal(cfg, me.client, me.profile, mine, server_round)
     scales = set(scalings(worker.model).values())
     if len(scales) != 1:
         raise RuntimeError(f"adapter layers with different scalings: {sorted(scales)}")
     stated = {wire.RANK: cfg.model.lora_rank, wire.ALPHA: cfg.model.lora_alpha, wire.SCALE: scales.pop(),
               wire.RSLORA: int(cfg.model.use_rslora)}
-    return stated, ConfigRecord({wire.PROFILE: node_profile(cfg, context).name})
+    return stated, ConfigRecord({wire.PROFILE: me.profile.name})

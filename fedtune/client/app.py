@@ -11,8 +11,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import wire
-from fedtune.client.adapter import node_profile, prepare, reply_adapter
+from fedtune.client.adapter import prepare, reply_adapter
 from fedtune.client.gpu import device_metrics, oom_mod, start_round
+from fedtune.client.node import profile_of
 from fedtune.client.secagg import secagg_mod
 from fedtune.compression.client import encode_reply
 from fedtune.config import RunConfig
@@ -25,16 +26,12 @@ from fedtune.training import client_seed, train_local
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context):
-    """(config as this client runs it: its device profile applied, client id, loaded worker)."""
-    return prepare(msg, context)
-
-
 # secagg_mod (outermost): Flower's SecAgg+ when the server runs it; a CUDA OOM fails this client only;
 # client_dp_mod clips (dp=client-* with dp-clipping=client) before masking
 @app.train(mods=[secagg_mod, oom_mod, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg, client, worker = _setup(msg, context)
+    me = prepare(msg, context)  # the config as this client runs it (its profile applied), its loaded worker
+    cfg, client, worker = me.cfg, me.client, me.worker
     start_round(worker.model)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = client_seed(cfg.federation.seed, server_round, client)
@@ -45,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         stats = train_local(worker.model, worker.data.train, cfg.train, seed, worker.pad_id)
     weight = 0 if stats.get("budget_exhausted") else len(worker.data.train)  # spent: did not train, weight 0
-    stated, adapter = reply_adapter(cfg, worker, context, server_round)  # rank, alpha, scale, rsLoRA; profile
+    stated, adapter = reply_adapter(me, context, server_round)  # rank, alpha, scale, rsLoRA; profile
     metrics = MetricRecord({wire.WEIGHT: weight, wire.CLIENT_ID: client, **stats, **stated,
                             **device_metrics(worker.model)})
     arrays = encode_reply(cfg, worker.model, msg.content[wire.ARRAYS], context, seed)  # compressed / sparse: encoded
@@ -56,7 +53,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate(mods=[oom_mod])
 def evaluate_local(msg: Message, context: Context) -> Message:
-    cfg, client, worker = _setup(msg, context)
+    me = prepare(msg, context)
+    cfg, client, worker = me.cfg, me.client, me.worker
     res = task_of(cfg).evaluate(worker.model, worker.data.val, cfg.train.eval_batch_size, worker.pad_id)
     metrics = MetricRecord({wire.WEIGHT: int(res["num_examples"]), wire.CLIENT_ID: client,
                             "accuracy": res["accuracy"], "loss": res["loss"]})
@@ -67,7 +65,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
 def head_init(msg: Message, context: Context) -> Message:
     """The statistics ``head-init`` asks for (fedtune/head_init.py) on (up to N of) this client's
     examples: ncm: class sums, counts, sums of squares; ridge: class sums, counts, feature scatter."""
-    cfg, client, worker = _setup(msg, context)
+    me = prepare(msg, context)
+    cfg, client, worker = me.cfg, me.client, me.worker
     enc = worker.data.train
     if cfg.privacy.dp == "sample":  # noisy unit-feature sums over all examples, accounted (fedtune/privacy/head.py)
         sums, info = release_head_sums(worker, cfg, context, client)
@@ -88,7 +87,7 @@ def whoami(msg: Message, context: Context) -> Message:
     content = RecordDict({wire.METRICS: metrics})
     if wire.RUN_CONFIG in msg.content[wire.CONFIG]:
         cfg = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
-        content[wire.ADAPTER] = ConfigRecord({wire.PROFILE: node_profile(cfg, context).name})
+        content[wire.ADAPTER] = ConfigRecord({wire.PROFILE: profile_of(cfg, context).name})
     return Message(content=content, reply_to=msg)
 
 

@@ -14,15 +14,35 @@ how it changes the run config this node runs with.
 
 from __future__ import annotations
 
-from flwr.app import Context
+from dataclasses import dataclass
 
+from flwr.app import Context, Message
+
+from fedtune import wire
 from fedtune.config import RunConfig
 from fedtune.data.sources import SOURCES
-from fedtune.profiles import AUTO, Profile, assign, lookup
+from fedtune.profiles import AUTO, Profile, apply, assign, lookup
 
 PROFILE = "profile"
 DATASET = "dataset"
 DEVICE = "device"
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    """The run as this node runs it, resolved once per message."""
+
+    cfg: RunConfig  # the run's config with this node's profile (rank, layers, batch, ...) and declared device
+    client: int  # the partition this node holds
+    profile: Profile
+
+
+def resolve(msg: Message, context: Context) -> NodeRun:
+    """This node's view of the run a message belongs to: the run config it carries, this node's
+    client id and profile (declared or assigned), the profile and the node's device applied."""
+    run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
+    profile = profile_of(run, context)
+    return NodeRun(node_device(apply(run, profile), context), int(context.node_config["partition-id"]), profile)
 
 
 def declared_profile(cfg: RunConfig, context: Context) -> Profile | None:

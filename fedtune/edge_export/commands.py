@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help=f"also write a dynamically quantized {MODEL_INT8}")
     p.add_argument("--client", type=int, default=None, metavar="ID",
                    help="export client ID's personalised model (fedsa: global A + its own B) instead of the global one")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="export the model a client of profile NAME runs (its rank and layers) instead of the global one")
     p.add_argument("--examples", type=int, default=256, help="held-out test examples to verify on (default 256)")
     p.add_argument("--max-abs-diff", type=float, default=1e-4, help="fp32 parity tolerance on logits, relative: |dlogit| <= F x max(1, largest |logit|) "
                    "(default 1e-4)")
@@ -50,8 +52,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     export = export_fp32_int8 if args.int8 else export_fp32
     what = args.run_dir if args.client is None else f"{args.run_dir} (client {args.client})"
+    what = what if args.profile is None else f"{args.run_dir} (profile {args.profile})"
     print(f"fedtune: exporting {what} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
-    report = export(args.run_dir, args.out, options, client=args.client)
+    report = export(args.run_dir, args.out, options, client=args.client, profile=args.profile)
     print(format_table(report))
     print(f"export written to {args.out}")
     return 0
@@ -71,8 +74,9 @@ def _export_lm(args: argparse.Namespace) -> int:
     from fedtune.edge_export.errors import ExportError
     from fedtune.edge_export.export_lm import LMExportOptions, export_lm, format_lm_table
 
-    if args.client is not None:
-        raise ExportError("--client: an LLM run exports its global model only")
+    if args.client is not None or args.profile is not None:
+        raise ExportError(f"--{'client' if args.client is not None else 'profile'}: an LLM run exports its global "
+                          "model only")
     options = LMExportOptions(max_abs_diff=args.max_abs_diff, int8=args.int8, threads=args.threads)
     print(f"fedtune: exporting LLM {args.run_dir} -> {args.out} (decoder with KV cache), verifying greedy tokens",
           file=sys.stderr)

@@ -13,10 +13,10 @@ import torch
 
 from fedtune.edge_export import latency, verify
 from fedtune.edge_export.assets import write_labels, write_tokenizer
-from fedtune.edge_export.errors import ParityError
+from fedtune.edge_export.errors import ExportError, ParityError
 from fedtune.edge_export.folder import check_destination, staging
 from fedtune.edge_export.layout import MODEL_FP32, MODEL_INT8, REPORT, TOKENIZER
-from fedtune.edge_export.merge import LogitsOnly, load_client, load_run, merge
+from fedtune.edge_export.merge import LogitsOnly, load_client, load_profile, load_run, merge
 from fedtune.edge_export.onnx_io import OPSET, export_onnx, quantize_int8
 from fedtune.edge_export.report import metadata, ratios
 from fedtune.edge_export.runtime import encode, open_session, read_tokenizer
@@ -36,18 +36,30 @@ class ExportOptions:
 
 
 def export_fp32(
-    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None
+    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """model.onnx + tokenizer + labels + export_report.json in ``out``; returns the report.
-    The run's global model, or with ``client`` that client's personalised model (FedSA)."""
-    return _export(Path(run_dir), Path(out), options, ("fp32",), client)
+    The run's global model; with ``client`` that client's personalised model (FedSA); with
+    ``profile`` the model a client of that profile runs (both: the run's views)."""
+    return _export(Path(run_dir), Path(out), options, ("fp32",), client, profile)
 
 
 def export_fp32_int8(
-    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None
+    run_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), client: int | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """As :func:`export_fp32`, plus a dynamically quantized model.int8.onnx."""
-    return _export(Path(run_dir), Path(out), options, ("fp32", "int8"), client)
+    return _export(Path(run_dir), Path(out), options, ("fp32", "int8"), client, profile)
+
+
+def load_for_export(run_dir: Path, client: int | None = None, profile: str | None = None):
+    """The model to export: the global one, a client's or a profile's (fedtune.edge_export.merge)."""
+    if client is not None and profile is not None:
+        raise ExportError("--client and --profile: give one of them")
+    if client is not None:
+        return load_client(run_dir, client)
+    return load_run(run_dir) if profile is None else load_profile(run_dir, profile)
 
 
 @contextlib.contextmanager
@@ -61,10 +73,11 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _export(
-    run_dir: Path, out: Path, options: ExportOptions, variants: tuple[str, ...], client: int | None = None
+    run_dir: Path, out: Path, options: ExportOptions, variants: tuple[str, ...], client: int | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     check_destination(out)  # fail before minutes of work, not after
-    run = load_run(run_dir) if client is None else load_client(run_dir, client)
+    run = load_for_export(run_dir, client, profile)
     texts, gold = verify.sample_texts(run.cfg, options.examples)
     with torch_threads(options.threads), staging(out) as tmp:
         write_tokenizer(run.cfg.model.model, run.cfg.data.max_length, tmp)

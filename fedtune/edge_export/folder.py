@@ -1,4 +1,5 @@
-"""Build the export folder next to its destination, then move it into place in one rename.
+"""Build the export folder next to its destination, then move it into place in one rename
+(``fedtune.artifacts.staged_folder``, the one folder publish of fedtune).
 
 A failed export removes its staging folder, so ``--out`` is either the previous complete
 export, or the new complete one, never something in between.
@@ -7,12 +8,10 @@ export, or the new complete one, never something in between.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedtune.artifacts import staged_folder
 from fedtune.edge_export.errors import ExportError
 from fedtune.edge_export.layout import REPORT
 
@@ -29,25 +28,8 @@ def check_destination(out: Path) -> None:
 
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out``; deleted if the block raises, published if not."""
+    """A hidden folder beside ``out``; deleted if the block raises, published if not (``out``
+    is checked again first: it may have changed while we worked)."""
     check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
-    try:
+    with staged_folder(out, check_destination) as tmp:
         yield tmp
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish(tmp: Path, out: Path) -> None:
-    check_destination(out)  # it may have changed while we worked
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -4,10 +4,10 @@
   profiles, the largest rank on every layer), the global adapter (``adapter/``, peft format)
   and, for FLoRA / FedEx-LoRA / FlexLoRA, the dense base-weight deltas beside it
   (``adapter/base_delta.safetensors``: W = W0 + delta): what the server evaluated last;
-- one **client's** model (``load_client``), for strategies with a personal part (FedSA's B):
-  the client's own config (its profile's rank and layers), what the server sends it at the
-  end of the run (global A, head) and its own tensors, written by the client after each
-  round it trained (``client-<id>.safetensors`` in the run's ``client-state-dir``).
+- one **client's** model (``load_client``), for strategies with a personal part (FedSA's B),
+  and one **profile's** model (``load_profile``): the view the server wrote at the end of the
+  run (``RUN/views``, fedtune.artifacts / fedtune.server.views), loaded into that profile's
+  model (its rank and layers). Files only: no strategy code.
 """
 
 from __future__ import annotations
@@ -131,85 +131,101 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return _load_global(Path(run_dir))[0]
 
 
-def _client_file(run_dir: Path, cfg: RunConfig, client: int) -> Path:
-    """The client's personal tensors: in the run's client-state-dir, else ``RUN/clients``
-    (a run directory that was moved or copied)."""
-    from fedtune.artifacts import CLIENTS_DIR, client_state_file
-
-    folders = [f for f in (cfg.federation.client_state_dir, str(run_dir / CLIENTS_DIR)) if f]
-    for folder in folders:
-        if client_state_file(folder, client).is_file():
-            return client_state_file(folder, client)
-    where = " or ".join(str(client_state_file(f, client)) for f in dict.fromkeys(folders))
-    raise ExportError(
-        f"no personal state of client {client}: no {where} "
-        "(a client writes it after each round it trains, when the run has a client-state-dir)"
-    )
-
-
-def _read_client_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def _views(run_dir: Path, what: str) -> dict[str, Any]:
+    """The run's ``views/index.json`` (fedtune.artifacts), or a one-line ExportError."""
+    from fedtune.artifacts import VIEW_INDEX, VIEWS_DIR, view_index
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
-    except Exception as exc:
-        raise ExportError(f"cannot read the client state {path}: {_first_line(exc)}") from None
+        index = view_index(run_dir)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {run_dir / VIEWS_DIR / VIEW_INDEX}: {_first_line(exc)}") from None
+    if index is None:
+        raise ExportError(
+            f"{what}: {run_dir / VIEWS_DIR / VIEW_INDEX} is missing (the server writes the model views at the end "
+            f"of a run; runs made before views existed have none): resume the run to write them "
+            f"(fedtune simulate --resume {run_dir}), or rerun it")
+    return index
+
+
+def _load_view(run_dir: Path, cfg: RunConfig, labels: list[str], path: Path, profile_name: str) -> nn.Module:
+    """The model of ``profile_name`` (its rank, its layers) with the view file's tensors loaded."""
+    from safetensors.torch import load_file
+
+    from fedtune.adapters import set_base
+    from fedtune.artifacts import split_view
+    from fedtune.errors import FedtuneError
+    from fedtune.modeling import build_model, load_trainable_state
+    from fedtune.profiles import apply, lookup
+
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: resume the run to write its views (fedtune simulate --resume {run_dir})")
+    try:
+        state, base = split_view(load_file(str(path)))
+    except Exception as exc:  # truncated, not safetensors
+        raise ExportError(f"cannot read the view {path}: {_first_line(exc)}") from None
+    try:
+        profile = lookup(cfg, profile_name)
+    except FedtuneError:
+        raise ExportError(f"{path}: profile {profile_name!r} is not one of the run's profiles") from None
+    with _no_progress_bar():
+        model = build_model(for_export(apply(cfg, profile).model), len(labels), seed=cfg.federation.seed)
+    try:
+        set_base(model, base)
+        load_trainable_state(model, state)
+    except (ValueError, AttributeError) as exc:
+        raise ExportError(f"{path} does not fit profile {profile.name!r}: {_first_line(exc)}") from None
+    return model.eval()
 
 
 def load_client(run_dir: str | Path, client: int) -> LoadedRun:
-    """Client ``client``'s personalised model at the end of the run, in eval mode: its own
-    profile's adapter, with what the server would send it (global A and head for FedSA, the
-    shared base deltas where a strategy has them) and the tensors it keeps for itself."""
-    from fedtune.adapters import set_base
-    from fedtune.errors import FedtuneError
-    from fedtune.modeling import build_model, load_trainable_state, trainable_state
-    from fedtune.profiles import apply, lookup
-    from fedtune.strategies import STRATEGIES
-    from fedtune.strategies.rank_aware import GlobalState, rank_aware_of
-    from fedtune.strategies.recipes import recipe_for
+    """Client ``client``'s personalised model at the end of the run, in eval mode: the view the
+    server wrote (``RUN/views/client-ID.safetensors``: its profile's adapter with what the server
+    sends it, global A and head for FedSA, and the tensors it keeps for itself)."""
+    from fedtune.artifacts import VIEWS_DIR, RunDir
 
     run_dir = Path(run_dir)
-    run, deltas = _load_global(run_dir)
-    cfg, strategy = run.cfg, run.cfg.federation.strategy
-    recipe = recipe_for(strategy)
-    rank_aware = rank_aware_of(STRATEGIES.get(strategy)(cfg))
-    if not recipe.local or rank_aware is None:
+    _, labels_file = _run_files(run_dir)
+    cfg = RunDir(run_dir).config()
+    index = _views(run_dir, f"--client {client}")
+    strategy = index.get("strategy", cfg.federation.strategy)
+    if not index.get("personal"):
         raise ExportError(f"--client: strategy {strategy!r} keeps no personal tensors on the clients; every client "
                           "runs the global model: export without --client")
     if not 0 <= client < cfg.partition.num_clients:
         raise ExportError(f"--client {client}: the run has clients 0 to {cfg.partition.num_clients - 1}")
-    path = _client_file(run_dir, cfg, client)
-    personal, meta = _read_client_file(path)
-    try:
-        profile = lookup(cfg, meta.get("profile", ""))
-    except FedtuneError:
-        raise ExportError(f"{path}: profile {meta.get('profile')!r} is not one of the run's profiles") from None
-    if meta.get("strategy") != strategy or meta.get("client") != str(client):
-        raise ExportError(f"{path} is client {meta.get('client')}'s state of a {meta.get('strategy')!r} run, "
-                          f"not client {client}'s of this {strategy!r} run")
-    ccfg = apply(cfg, profile)
-    with _no_progress_bar():
-        model = build_model(for_export(ccfg.model), len(run.labels), seed=cfg.federation.seed)
-    initial = trainable_state(model)
-    recipe.prepare(model, initial, cfg.federation.seed)  # as the client does (fedtune.client.adapter.prepare)
-    g = GlobalState(trainable_state(run.model), deltas)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    kept = [n for n in names if recipe.keeps(n)]
-    if set(personal) != set(kept):
-        raise ExportError(f"{path} holds {len(personal)} tensors; profile {profile.name!r} keeps {len(kept)} "
-                          f"({sorted(set(personal) ^ set(kept))[0]})")
-    state = {**{n: initial[n] for n in names}, **personal, **rank_aware.view(g, profile)}
-    try:
-        set_base(model, rank_aware.shared_base(g))
-        load_trainable_state(model, state)
-    except ValueError as exc:
-        raise ExportError(f"{path} does not fit profile {profile.name!r}: {_first_line(exc)}") from None
-    trained = meta.get("round", "")
-    source = {"model": "client", "client": client, "strategy": strategy, "profile": profile.name,
-              "lora_rank": profile.lora_rank, "layers": profile.layers,
-              "round": int(trained) if trained.isdigit() else None, "state_file": str(path)}
-    return LoadedRun(cfg, run.labels, model.eval(), source)
+    entry = index.get("clients", {}).get(str(client))
+    if entry is None:
+        why = index.get("skipped", {}).get(str(client), "no view")
+        raise ExportError(
+            f"no view of client {client} in {run_dir / VIEWS_DIR} ({why}): the server writes it at the end of the run "
+            "from the client's personal file in the run's client-state-dir; put it there and resume the run")
+    labels = read_labels(labels_file)
+    path = run_dir / VIEWS_DIR / entry["file"]
+    model = _load_view(run_dir, cfg, labels, path, entry["profile"])
+    source = {"model": "client", "client": client, "strategy": strategy, "profile": entry["profile"],
+              "lora_rank": entry["lora_rank"], "layers": entry["layers"], "round": entry.get("round"),
+              "state_file": entry.get("state_file")}
+    return LoadedRun(cfg, labels, model, source)
+
+
+def load_profile(run_dir: str | Path, profile: str) -> LoadedRun:
+    """The model a client of ``profile`` runs at the end of the run, in eval mode (the view the
+    server wrote: ``RUN/views/profile-NAME.safetensors``)."""
+    from fedtune.artifacts import VIEWS_DIR, RunDir
+
+    run_dir = Path(run_dir)
+    _, labels_file = _run_files(run_dir)
+    cfg = RunDir(run_dir).config()
+    index = _views(run_dir, f"--profile {profile}")
+    entry = index.get("profiles", {}).get(profile)
+    if entry is None:
+        have = ", ".join(sorted(index.get("profiles", {}))) or "none (every client runs the global model)"
+        raise ExportError(f"--profile {profile}: the run has no view of that profile; its profiles' views: {have}")
+    labels = read_labels(labels_file)
+    model = _load_view(run_dir, cfg, labels, run_dir / VIEWS_DIR / entry["file"], profile)
+    source = {"model": "profile", "profile": profile, "strategy": index.get("strategy"),
+              "lora_rank": entry["lora_rank"], "layers": entry["layers"], "round": index.get("round")}
+    return LoadedRun(cfg, labels, model, source)
 
 
 def merge(model: nn.Module) -> LogitsOnly:

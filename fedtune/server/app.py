@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,9 +22,10 @@ from fedtune.server import checkpoint
 from fedtune.server.metered import Metered
 from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.screen import build_screens
+from fedtune.server.views import save_views
 from fedtune.sparse.layer import zero_deltas
 from fedtune.server.resume import Offset, load_for_resume
-from fedtune.artifacts import BASE_DELTA_FILE, RunDir
+from fedtune.artifacts import RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.rank_aware import rank_aware_of
 from fedtune.strategies.recipes import recipe_for
@@ -153,11 +153,15 @@ def run_federation(
     base, state = model_states(latest.get("arrays") or ckpt.arrays)[""]
     set_base(model, {})  # the adapter is saved on the original base; base deltas go beside it
     load_trainable_state(model, state)
-    adapter_dir = run.save_adapter(model, ds.label_names)
-    if base:  # FLoRA / FedEx-LoRA / FlexLoRA: dense updates of frozen weights, W = W0 + delta
-        save_file({k: v.contiguous() for k, v in base.items()}, str(adapter_dir / BASE_DELTA_FILE))
+    adapter_dir = run.save_adapter(model, ds.label_names, base)  # FLoRA / FedEx-LoRA / FlexLoRA: W = W0 + delta
     set_base(model, base)
     rows = run.metrics()
+    try:  # each profile's and each personal client's final model, for export (fedtune.server.views)
+        save_views(run.path, cfg, rank_aware, latest.get("arrays") or ckpt.arrays,
+                   [m.profile for m in grid.members.values()], rows[-1]["round"])
+    except Exception as exc:  # noqa: BLE001 - the run's results stand; export says what is missing
+        print(f"fedtune: warning: the model views were not written ({type(exc).__name__}: {exc})"[:300],
+              file=sys.stderr, flush=True)
     summary = {
         "final_accuracy": rows[-1]["accuracy"],
         "initial_accuracy": rows[0]["accuracy"],

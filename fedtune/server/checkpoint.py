@@ -8,8 +8,8 @@ Layout (next to ``metrics.jsonl``)::
     RUN/checkpoint/round-0003/clients/              copies of the clients' personal files (fedsa), when the
                                                     server can see the client-state-dir (simulation)
 
-A round's folder is written as ``.round-0003.tmp`` and renamed: a folder named ``round-N``
-is always complete. Older rounds are removed once the new one is in place.
+A round's folder is written beside its place (``.round-0003.partial-*``) and renamed into
+it: a folder named ``round-N`` is always complete. Older rounds are removed once the new one is in place.
 
 The strategy state is read along the wrapper chain (fedtune.server.strategy_state).
 """
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedtune import wire
+from fedtune.artifacts import staged_folder
 from fedtune.server.strategy_state import restore_strategy, strategy_state
 
 __all__ = ["Checkpoint", "latest", "restore_clients", "restore_strategy", "save"]
@@ -50,29 +51,20 @@ def _round_dir(root: Path, server_round: int) -> Path:
 
 def save(run_path: str | Path, server_round: int, arrays: ArrayRecord, strategy: object,
          client_dir: str | Path = "") -> Path:
-    """Write round ``server_round``'s checkpoint (temp folder, fsync, rename), drop older ones."""
+    """Write round ``server_round``'s checkpoint (a folder built beside its place, synced and
+    renamed into it: fedtune.artifacts.staged_folder), drop older ones."""
     root = Path(run_path) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".round-{server_round:04d}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors, meta = strategy_state(strategy)
-    save_file({k: v.contiguous() for k, v in wire.from_record(arrays).items()}, str(tmp / "global.safetensors"),
-              metadata={"order": json.dumps(list(arrays.keys()))})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "strategy.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"round": server_round, "strategy": meta}, sort_keys=True))
-    if client_dir and Path(client_dir).is_dir():
-        (tmp / "clients").mkdir()
-        for f in Path(client_dir).glob("client-*.safetensors"):
-            shutil.copyfile(f, tmp / "clients" / f.name)
-    for f in tmp.rglob("*"):
-        if f.is_dir():
-            continue
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
     final = _round_dir(root, server_round)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    tensors, meta = strategy_state(strategy)
+    with staged_folder(final) as tmp:
+        save_file({k: v.contiguous() for k, v in wire.from_record(arrays).items()}, str(tmp / "global.safetensors"),
+                  metadata={"order": json.dumps(list(arrays.keys()))})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "strategy.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"round": server_round, "strategy": meta}, sort_keys=True))
+        if client_dir and Path(client_dir).is_dir():
+            (tmp / "clients").mkdir()
+            for f in Path(client_dir).glob("client-*.safetensors"):
+                shutil.copyfile(f, tmp / "clients" / f.name)
     for old in root.glob("round-*"):  # rounds only grow within a run: any other is stale
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

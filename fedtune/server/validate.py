@@ -37,7 +37,7 @@ from fedtune.errors import ConfigError
 from fedtune.profiles import candidates, lookup
 from fedtune.server.reply import DTYPE, Shapes, Stated, decode_update
 from fedtune.server.screen import SCREENS, BadUpdate, Rejected, Sent
-from fedtune.strategies.lora import lora_scale, rslora_scale
+from fedtune.strategies.rank_aware import check_stated
 from fedtune.strategies.recipes import recipe_for
 from fedtune.strategies.robust import update_norm
 
@@ -84,18 +84,12 @@ class Validator:
             profile = lookup(self.cfg, st.profile)
         except ConfigError:
             raise BadUpdate(f"unknown profile {st.profile[:40]!r}") from None
-        if member is not None and member.profile.name != profile.name:
-            raise BadUpdate(f"states profile {profile.name!r}; the node joined as {member.profile.name!r}")
-        if st.rank != profile.lora_rank:
-            raise BadUpdate(f"states rank {st.rank}; profile {profile.name!r} has rank {profile.lora_rank}")
         m = self.cfg.model
-        if m.adapter == "sparse":  # no LoRA factors, nothing scaled: a sparse delta merges as is (fedtune.sparse)
-            return profile
-        scale = rslora_scale(m.lora_alpha, st.rank) if m.use_rslora else lora_scale(m.lora_alpha, st.rank)
-        if self.lora and (st.alpha != m.lora_alpha or st.rslora != m.use_rslora
-                          or not math.isclose(st.scale, scale, rel_tol=1e-6)):
-            raise BadUpdate(f"states alpha {st.alpha:g}, rslora {st.rslora}, scale {st.scale:g}; the run has "
-                            f"alpha {m.lora_alpha:g}, rslora {m.use_rslora}, scale {scale:g} at rank {st.rank}")
+        try:  # sparse adapters: no LoRA factors, nothing scaled (a sparse delta merges as is, fedtune.sparse)
+            check_stated(profile.name, st.rank, st.alpha, st.rslora, st.scale, profile,
+                         None if member is None else member.profile, m.lora_alpha, m.use_rslora, scaled=self.lora)
+        except ValueError as err:
+            raise BadUpdate(str(err)) from None
         return profile
 
     def expected(self, node: int, st: Stated, sent: dict[str, Tensor]) -> Shapes:

@@ -65,6 +65,26 @@ def members_of(grid: Grid) -> Mapping[int, Any]:
     return members
 
 
+def check_stated(stated: str, rank: int, alpha: float, rslora: bool, scale: float, profile: Profile,
+                 joined: Profile | None, run_alpha: float, run_rslora: bool, scaled: bool = True) -> None:
+    """The one check of what a train reply states about its adapter: profile ``stated`` (found
+    as ``profile``) against the one its node joined as (``joined``, where known), its rank
+    against that profile's, and (``scaled``: LoRA) alpha, rsLoRA and scale against the run's.
+    A one-line ValueError names the first mismatch. The validate screen
+    (fedtune.server.validate) runs it on every reply; ``RankAware.parse`` on what reaches it
+    unscreened (SecAgg+'s pseudo-replies)."""
+    if joined is not None and joined.name != stated:
+        raise ValueError(f"states profile {stated!r}; the node joined as {joined.name!r}")
+    if rank != profile.lora_rank:
+        raise ValueError(f"states rank {rank}; profile {profile.name!r} has rank {profile.lora_rank}")
+    if not scaled:
+        return
+    want = rslora_scale(run_alpha, rank) if run_rslora else lora_scale(run_alpha, rank)
+    if alpha != run_alpha or rslora != run_rslora or not math.isclose(scale, want, rel_tol=1e-6):
+        raise ValueError(f"states alpha {alpha:g}, rslora {rslora}, scale {scale:g}; the run has alpha {run_alpha:g}, "
+                         f"rslora {run_rslora}, scale {want:g} at rank {rank}")
+
+
 class RankAware(FedAvg):
     """Per-node messages and stated-rank replies; subclasses define ``combine`` (and may
     change ``sends``, ``rewrites``, ``shared_base``, ``client_factors``)."""
@@ -149,15 +169,11 @@ class RankAware(FedAvg):
         met = m.content[wire.METRICS]
         client, rank, scale = int(met[wire.CLIENT_ID]), int(met[wire.RANK]), float(met[wire.SCALE])
         profile = self.members[m.metadata.src_node_id].profile
-        stated = str(m.content[wire.ADAPTER][wire.PROFILE])
-        if stated != profile.name or rank != profile.lora_rank:
-            raise ValueError(f"client {client} states profile {stated!r} rank {rank}; it joined as "
-                             f"{profile.name!r} rank {profile.lora_rank}")
-        if float(met[wire.ALPHA]) != self.alpha or bool(met[wire.RSLORA]) != self.rslora \
-                or not math.isclose(scale, self.scale_of(rank), rel_tol=1e-9):
-            raise ValueError(f"client {client} states alpha {met[wire.ALPHA]}, rslora {met[wire.RSLORA]}, "
-                             f"scale {scale}; the run has alpha {self.alpha}, rslora {self.rslora}, "
-                             f"scale {self.scale_of(rank)} at rank {rank}")
+        try:  # screened already, except under SecAgg+
+            check_stated(str(m.content[wire.ADAPTER][wire.PROFILE]), rank, float(met[wire.ALPHA]),
+                         bool(met[wire.RSLORA]), scale, profile, profile, self.alpha, self.rslora)
+        except ValueError as e:
+            raise ValueError(f"client {client} {e}") from None
         glayers = split(g.trainable)[0]
         layers, head = split(wire.from_record(m.content[wire.ARRAYS]))
         if set(layers) != deepest(glayers, profile.layers):
@@ -206,6 +222,21 @@ class RankAware(FedAvg):
     def group_view(self, g: GlobalState, profile: Profile) -> dict[str, Tensor]:
         """The adapter a client of ``profile`` runs with (FedSA adds its group's mean B)."""
         return self.view(g, profile)
+
+    def model_view(self, g: GlobalState, profile: Profile, group: bool = True) -> dict[str, Tensor]:
+        """Every trainable tensor of the model a client of ``profile`` runs, under its own
+        model's names (what the server writes to ``RUN/views``): what it receives (``group``:
+        with its group's B, FedSA; else what it is sent) and, for the parts it is not sent,
+        what it runs with: FFA's shared A (the first r rows of the global A), B = 0 (a fresh
+        adapter: FLoRA's, whose A then has no effect)."""
+        layers, head = split(g.trainable)
+        got = split(self.group_view(g, profile) if group else self.view(g, profile))[0]
+        rank, out = profile.lora_rank, {}
+        for layer in sorted(deepest(layers, profile.layers)):
+            parts, mine = layers[layer], got.get(layer, {})
+            out[layer] = {"A": mine.get("A", parts["A"][:rank]).float().contiguous(),
+                          "B": mine.get("B", torch.zeros(parts["B"].shape[0], rank)).float().contiguous()}
+        return join(out, head)
 
     def lift(self, g: GlobalState, profile: Profile) -> dict[str, Tensor]:
         """A client's model in the server model's shape: rank zero-padded to R, B rescaled
