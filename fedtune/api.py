@@ -53,7 +53,8 @@ class Run:
         except ImportError:
             raise ImportError("Run.metrics_frame needs pandas: pip install pandas (Run.metrics is the same as "
                               "a list of dicts)") from None
-        return pd.DataFrame(self.metrics)
+        frame = pd.DataFrame(self.metrics)
+        return frame[["round", *[c for c in frame.columns if c != "round"]]] if "round" in frame else frame
 
     def __repr__(self) -> str:
         last = self.metrics[-1] if self.metrics else {}
