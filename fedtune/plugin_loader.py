@@ -18,6 +18,7 @@ Torch-free: this module imports only the standard library (a plugin may import w
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
@@ -38,11 +39,25 @@ def load(names: Iterable[str]) -> None:
         if not name or name in sys.modules:
             continue
         try:
-            importlib.import_module(name)
+            _import(name)
         except ImportError as exc:
             if exc.name and name.startswith(exc.name) and exc.name not in sys.modules:  # the plugin itself is missing
                 raise ConfigError(f"bad value plugins={name!r}: no module named {exc.name!r} on the Python path") from None
             raise ConfigError(f"bad value plugins={name!r}: importing it failed: {exc}") from None
+
+
+def _import(name: str) -> None:
+    """Import ``name``; a module missing from the path is looked for in the working directory too
+    (``fedtune simulate --set plugins=my_module`` beside my_module.py, as ``python -m`` would find it).
+    The directory then stays on ``sys.path``, which Flower hands to its simulation actors."""
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.import_module(name)
 
 
 def load_entry_points(force: bool = False) -> list[str]:

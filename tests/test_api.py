@@ -120,6 +120,15 @@ def test_load_run_reads_config_metrics_summary(tmp_path, quick_cfg):
         fedtune.load_run(tmp_path)
 
 
+def test_centralized_returns_its_run(tmp_path):
+    run = fedtune.centralized(preset="tiny", out=tmp_path / "c", rounds=1, num_clients=2, local_steps=2,
+                              train_size=200, eval_size=50)
+    assert isinstance(run, fedtune.Run) and run.path == tmp_path / "c"
+    assert [r["round"] for r in run.metrics] == [0, 1] and run.metrics[1]["steps"] > 0
+    assert run.summary["final_accuracy"] == run.metrics[1]["accuracy"]
+    assert run.config.federation.rounds == 1 and (run.adapter / "adapter_config.json").is_file()
+
+
 # -- plugins ---------------------------------------------------------------------------------------
 
 
