@@ -43,7 +43,7 @@ def quickstart_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("quickstart")
     out = _run([str(EXAMPLES / "quickstart.py"), *TINY], cwd)
     assert "round 2: accuracy" in out and "final accuracy:" in out
-    return Path(out.split("run directory: ")[1].splitlines()[0])
+    return cwd / out.split("run directory: ")[1].splitlines()[0]  # relative to the script's working directory
 
 
 @pytest.mark.slow
@@ -111,13 +111,19 @@ def test_llm_example_with_a_local_model_folder(tmp_path):
 @pytest.mark.slow
 def test_flwr_run_on_a_generated_app_against_a_local_superlink(tmp_path):
     """``fedtune app`` then ``flwr run APP CONNECTION``: a SuperLink (no TLS) and two plain
-    SuperNodes started as a Flower user would, their partition ids from --node-config."""
+    SuperNodes started as a Flower user would, their partition ids from --node-config. The run
+    uses examples/my_strategy.py over clients of ranks 2 and 8: the app carries the plugin file,
+    and the ServerApp and ClientApp processes import it from the installed app (examples/ is
+    not on their path)."""
     from fedtune.deploy import processes as P
 
     app, run = tmp_path / "app", tmp_path / "run"
     _run(["-m", "fedtune", "app", str(app), "--preset", "tiny", "--set", "num-clients=2", "--set", "rounds=2",
           "--set", "head-init=random", "--set", "fraction-evaluate=0", "--set", "local-steps=2",
-          "--set", "round-timeout=240", "--out", str(run)], tmp_path)
+          "--set", "round-timeout=240", "--set", "plugins=my_strategy", "--set", "strategy=holder-avg",
+          "--set", "profile-defs=phone lora-rank=2,laptop lora-rank=8", "--set", "profiles=phone,laptop",
+          "--out", str(run)], EXAMPLES)  # python -m: my_strategy is importable from the working directory
+    assert (app / "my_strategy.py").is_file()
     port = P.free_port()
     home = tmp_path / "flwr"
     home.mkdir()
@@ -151,4 +157,7 @@ def test_flwr_run_on_a_generated_app_against_a_local_superlink(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients"] == 2 and r["bytes_up"] > 0 and not r["failures"] for r in rows[1:])
     assert sorted(d["client"] for d in rows[1]["client_devices"]) == [0, 1]  # the partition ids from --node-config
-    assert json.loads((run / "config.json").read_text())["rounds"] == 2
+    assert sorted(d["profile"] for d in rows[1]["client_devices"]) == ["laptop", "phone"]
+    assert "accuracy_rank_2" in rows[2] and "accuracy_rank_8" in rows[2]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["rounds"], config["strategy"], config["plugins"]) == (2, "holder-avg", ["my_strategy"])
