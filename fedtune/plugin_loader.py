@@ -42,7 +42,8 @@ def load(names: Iterable[str]) -> None:
             _import(name)
         except ImportError as exc:
             if exc.name and name.startswith(exc.name) and exc.name not in sys.modules:  # the plugin itself is missing
-                raise ConfigError(f"bad value plugins={name!r}: no module named {exc.name!r} on the Python path") from None
+                raise ConfigError(f"bad value plugins={name!r}: no module named {exc.name!r} on the Python path") \
+                    from None
             raise ConfigError(f"bad value plugins={name!r}: importing it failed: {exc}") from None
 
 

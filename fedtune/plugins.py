@@ -15,7 +15,7 @@ run's config. docs/api.md has a complete example; examples/my_strategy.py is one
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -151,7 +151,3 @@ def register_adapter_kind(name: str, build: Callable[[Any, Any, int], Any]) -> N
         ADAPTERS.register(name)(build)
         catalog.ADAPTER_KINDS = (*catalog.ADAPTER_KINDS, name)
 
-
-def registered(kind: str) -> Sequence[str]:
-    """The names plugins registered of ``kind`` (strategy, dataset, model, adapter kind)."""
-    return sorted(n for (k, n) in _OWNERS if k == kind)

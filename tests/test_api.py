@@ -113,7 +113,7 @@ def test_load_run_reads_config_metrics_summary(tmp_path, quick_cfg):
     loaded = fedtune.load_run(str(tmp_path / "run"))
     assert loaded.summary == {"final_accuracy": 0.5}
     frame = loaded.metrics_frame
-    assert list(frame["accuracy"]) == [0.25, 0.5] and list(frame.columns) == ["round", "accuracy", "loss"]  # round first
+    assert list(frame["accuracy"]) == [0.25, 0.5] and list(frame.columns) == ["round", "accuracy", "loss"]
     assert loaded.paths["metrics"] == tmp_path / "run" / "metrics.jsonl" and loaded.adapter.name == "adapter"
     assert "2 metric rows, accuracy 0.5000" in repr(loaded)
     with pytest.raises(ConfigError, match="not a run directory"):

@@ -54,10 +54,11 @@ def _project(name: str, cfg: RunConfig, run_dir: str | Path, resume: bool) -> di
 
 
 def write_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
-    """Write ``folder/pyproject.toml`` (the folder holds nothing else) and return the folder."""
+    """Write ``folder/pyproject.toml`` (and the run's local plugin modules, if any) and return the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(tomli_w.dumps(_project(APP_NAME, cfg, run_dir, resume)))
+    copy_plugins(cfg.federation.plugins, folder)  # local plugin modules travel in the FAB (the ServerApp imports them)
     return folder
 
 
