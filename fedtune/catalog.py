@@ -107,6 +107,9 @@ ADAPTERS: dict[str, AdapterKindInfo] = {a.name: a for a in (
     AdapterKindInfo("lora", params=("lora_",), factors=True),  # peft LoRA: fedtune.adapter_kinds.lora
     AdapterKindInfo("sparse", params=(".sparse_values",), strategies="sparse", aggregation="mask-aware", training="sparse", reply="entries",
                     uniform_mean=False, base_quant="trains entries of the base weights"),  # fedtune.sparse
+    AdapterKindInfo("ia3", params=("ia3_",), strategies="dense", profiles=False,  # peft IA3 (Liu et al., 2022)
+                    base_quant="rescales the base weights, merged on export; not wired for a quantized base",
+                    sample_dp="opacus computes no per-example gradients for peft's IA3 vectors"),
 )}
 ADAPTER_KINDS = tuple(ADAPTERS)  # the names (fedtune.adapter_kinds.KINDS)
 BUILTIN_ADAPTER_KINDS = ADAPTER_KINDS
