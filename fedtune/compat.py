@@ -25,9 +25,16 @@ Privacy (docs/privacy.md):
   the replies (a strategy's ``secagg`` flag says why; robust aggregation; profiles; any
   compression; any head statistics (ncm, ridge); client-level DP with server-side clipping).
 
-Sparse adapters and compression (docs/sparse.md):
+Adapter kinds read their catalog flags (``fedtune.catalog.AdapterKindInfo``), never their names:
 
-- ``adapter=sparse`` with a strategy without the ``sparse`` flag (all but ``fedavg``);
+- an adapter with a strategy that lacks the flag the kind names (``strategies``): ``sparse``
+  needs ``sparse`` (fedavg's mask-aware mean); ``""`` (LoRA) takes every strategy;
+- ``profiles`` with a kind without the ``profiles`` flag; ``base-quant`` with a kind whose
+  ``base_quant`` says why not; ``dp=sample`` with a kind whose ``sample_dp`` says why not;
+- client-level DP and canaries need ``uniform_mean``.
+
+Sparse adapters (``reply=entries``) and compression (docs/sparse.md):
+
 - ``adapter=sparse`` with ``topk`` / ``dare`` (the update is already sparse);
 - ``topk`` / ``dare`` with strategies whose clients train tensors the server did not send;
 - compression or a sparse adapter with ``dp-clipping=client`` (the mod would clip encoded bytes);
@@ -44,7 +51,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedtune.catalog import ROBUST, SHAPELESS, STRATEGIES, strategies_where
+from fedtune.catalog import ROBUST, SHAPELESS, STRATEGIES, adapter_kind, strategies_where
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -54,6 +61,12 @@ CLIENT_LEVEL_STRATEGIES = strategies_where("client_dp")  # ("fedavg",)
 SECAGG_STRATEGIES = strategies_where("secagg")  # the server step needs only the weighted sum
 ROBUST_STRATEGIES = strategies_where("robust")  # a mean of same-shape updates
 SPARSE_STRATEGIES = strategies_where("sparse")  # the mask-aware mean
+
+
+def adapter_strategies(adapter: str) -> tuple[str, ...]:
+    """The strategies that aggregate adapter kind ``adapter`` (its catalog flag ``strategies``)."""
+    flag = adapter_kind(adapter).strategies
+    return tuple(STRATEGIES) if not flag else strategies_where(flag)
 
 
 def num_sampled_clients(cfg: RunConfig) -> int:
@@ -95,8 +108,9 @@ def check_audit(cfg: RunConfig) -> None:
                "(see docs/privacy.md); use dp=client-fixed|client-adaptive or dp=none")
     elif cfg.federation.strategy != "fedavg":
         why = f"with strategy={cfg.federation.strategy!r}: a canary is modelled as one more update in a plain mean"
-    elif cfg.model.adapter != "lora" or getattr(cfg.federation, "profiles", ""):
-        why = "with adapter=sparse or profiles: a canary is modelled as one more whole update of one shape"
+    elif not adapter_kind(cfg.model.adapter).uniform_mean or getattr(cfg.federation, "profiles", ""):
+        why = (f"with adapter={cfg.model.adapter} or profiles: a canary is modelled as one more whole update "
+               "of one shape")
     if why:
         raise ConfigError(f"bad value audit-canaries={p.audit_canaries} {why}")
 
@@ -117,8 +131,9 @@ def check_secagg(cfg: RunConfig) -> None:
         why = f"with robust={fed.robust!r}: it screens individual updates, which the server no longer sees"
     elif getattr(fed, "profiles", ""):
         why = f"with profiles={fed.profiles!r}: clients of several ranks send arrays of different shapes"
-    elif cfg.model.adapter == "sparse" and fed.strategy not in SPARSE_STRATEGIES:
-        why = f"with adapter='sparse' and strategy={fed.strategy!r}: sparse adapters aggregate with fedavg"
+    elif fed.strategy not in adapter_strategies(cfg.model.adapter):
+        why = (f"with adapter={cfg.model.adapter!r} and strategy={fed.strategy!r}: {cfg.model.adapter} adapters "
+               f"aggregate with {', '.join(adapter_strategies(cfg.model.adapter))}")
     elif fed.compression != "none":
         why = f"with compression={fed.compression!r}: SecAgg+ quantizes the dense update itself"
     elif cfg.train.head_init != "random":
@@ -148,8 +163,10 @@ def check_composition(cfg: RunConfig) -> None:
             f"bad value head-init='ncm' with dp={p.dp}: the FedNCM class centroids would be released outside "
             "the clipped, noised client updates; set head-init=random (or use dp=sample, which privatises them)"
         )
-    selection = cfg.model.sparse_selection
-    if p.dp == "sample" and cfg.model.adapter == "sparse" and selection != "random":
+    selection, kind = cfg.model.sparse_selection, adapter_kind(cfg.model.adapter)
+    if p.dp == "sample" and kind.sample_dp:
+        raise ConfigError(f"bad value adapter={kind.name!r} with dp=sample: {kind.sample_dp}")
+    if p.dp == "sample" and kind.reply == "entries" and selection != "random":
         raise ConfigError(
             f"bad value sparse-selection={selection!r} with dp=sample: {selection} chooses the trained entries "
             "from the client's private data (gradients / a warm-up), and that choice is not privatised; "
@@ -171,21 +188,26 @@ def check_composition(cfg: RunConfig) -> None:
 # -- sparse adapters and compression -------------------------------------------------------
 def check_compression(cfg: RunConfig) -> None:
     fed, model, dp = cfg.federation, cfg.model, cfg.privacy
-    if model.adapter == "sparse":
-        if fed.strategy not in SPARSE_STRATEGIES:
-            raise ConfigError(f"bad value strategy={fed.strategy!r} with adapter=sparse: sparse updates are "
-                              "aggregated by fedavg's mask-aware mean; use strategy=fedavg")
-        if fed.compression in SHAPELESS:
-            raise ConfigError(f"bad value compression={fed.compression!r} with adapter=sparse: the update is "
-                              "already sparse; use compression=none, fp16, int8 or int8-row")
-        if dp.client_level:
-            raise ConfigError(f"bad value adapter='sparse' with dp={dp.dp}: client-level DP noise is calibrated "
-                              "to a uniform mean of clipped updates, not a mask-aware mean")
+    kind = adapter_kind(model.adapter)
+    if fed.strategy not in adapter_strategies(model.adapter):
+        how = "fedavg's mask-aware mean" if kind.aggregation == "mask-aware" else "a mean of whole states"
+        raise ConfigError(f"bad value strategy={fed.strategy!r} with adapter={model.adapter}: {model.adapter} "
+                          f"updates are aggregated by {how}; use strategy="
+                          f"{' or '.join(adapter_strategies(model.adapter))}")
+    if kind.reply == "entries" and fed.compression in SHAPELESS:
+        raise ConfigError(f"bad value compression={fed.compression!r} with adapter={model.adapter}: the update is "
+                          "already sparse; use compression=none, fp16, int8 or int8-row")
+    if not kind.uniform_mean and dp.client_level:
+        raise ConfigError(f"bad value adapter={model.adapter!r} with dp={dp.dp}: client-level DP noise is calibrated "
+                          f"to a uniform mean of clipped updates, not a {kind.aggregation} mean")
+    if not kind.profiles and getattr(fed, "profiles", "").strip():
+        raise ConfigError(f"bad value profiles={fed.profiles!r} with adapter={model.adapter}: {model.adapter} "
+                          "adapters have no rank or layer set to differ by; every client trains the same tensors")
     info = STRATEGIES.get(fed.strategy)
     if fed.compression in SHAPELESS and info is not None and not info.shapeless_codecs:
         raise ConfigError(f"bad value compression={fed.compression!r} with strategy={fed.strategy}: its clients "
                           "train tensors the server did not send; use compression=fp16, int8 or int8-row")
-    if (fed.compression != "none" or model.adapter == "sparse") and dp.client_level and dp.dp_clipping == "client":
+    if (fed.compression != "none" or kind.reply == "entries") and dp.client_level and dp.dp_clipping == "client":
         raise ConfigError(f"bad value dp-clipping='client' with compression={fed.compression}: the client mod "
                           "would clip the encoded reply; use dp-clipping=server")
 
@@ -197,9 +219,9 @@ def check_task(cfg: RunConfig) -> None:
     if m.task == "causal-lm" and cfg.train.head_init != "random":
         raise ConfigError(f"bad value head-init={cfg.train.head_init!r}: a causal LM has no classification head; "
                           "set head-init=random with task=causal-lm (the llm preset does)")
-    if m.base_quant != "none" and m.adapter != "lora":
+    if m.base_quant != "none" and (why := adapter_kind(m.adapter).base_quant):
         raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "
-                          f"(adapter={m.adapter!r} trains entries of the base weights)")
+                          f"(adapter={m.adapter!r} {why})")
     if m.gradient_checkpointing and cfg.privacy.dp == "sample":
         raise ConfigError("bad value gradient-checkpointing=True: dp=sample computes per-example gradients from "
                           "forward hooks, which a recomputed forward would fire twice; turn one of them off")

@@ -1,7 +1,8 @@
 """Base model + adapter, shared by server, clients, centralized training and export.
 
 Only the trainable tensors (adapter + classification head) ever leave this module:
-``trainable_state`` / ``load_trainable_state`` are the wire boundary.
+``trainable_state`` / ``load_trainable_state`` are the wire boundary (fedtune.adapter_kinds.base).
+The adapter itself is built by its kind (``--set adapter=NAME``, fedtune.adapter_kinds).
 """
 
 from __future__ import annotations
@@ -12,33 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fedtune.adapter_kinds import kind_of
+from fedtune.adapter_kinds.base import load_trainable_state, trainable_state  # the wire boundary, every kind
+from fedtune.adapter_kinds.lora import adapted_layers, lora_config  # noqa: F401 - re-exported
 from fedtune.bases import BUNDLED, TINY, TRUNCATED, _base_model, load_tokenizer, model_source  # noqa: F401
 from fedtune.config import ModelConfig
-from fedtune.errors import ModelError
-
-
-def adapted_layers(cfg: ModelConfig, num_layers: int) -> list[int] | None:
-    """The transformer layers that carry adapters: the deepest ``lora-layers`` ones (LEGEND,
-    Liu et al., 2024: deeper layers first); None = all."""
-    if cfg.lora_layers == 0 or cfg.lora_layers >= num_layers:
-        return None
-    return list(range(num_layers - cfg.lora_layers, num_layers))
-
-
-def lora_config(cfg: ModelConfig, num_layers: int = 0):
-    from peft import LoraConfig, TaskType
-
-    from fedtune.tasks import task_of
-
-    return LoraConfig(
-        task_type=TaskType[task_of(cfg).peft_task],  # SEQ_CLS: the classification head is trained and sent too
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        use_rslora=cfg.use_rslora,
-        layers_to_transform=adapted_layers(cfg, num_layers),
-    )
 
 
 def _placed_base(cfg: ModelConfig, num_labels: int, device: torch.device) -> nn.Module:
@@ -63,27 +42,13 @@ def _placed_base(cfg: ModelConfig, num_labels: int, device: torch.device) -> nn.
 def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
     """Base model with a fresh adapter, on the device ``cfg.device`` resolves to (fedtune/device.py).
     Frozen weights never change after this; adapter and head are fp32 whatever the base's dtype."""
-    from peft import get_peft_model
-
     from fedtune.device import Placement, autocast_dtype, place, resolve
 
     device = resolve(cfg.device)
     base = _placed_base(cfg, num_labels, device)
     quantized = cfg.base_quant != "none"  # bitsandbytes computes in bf16 (fedtune/quant.py)
     where = Placement(device, torch.bfloat16 if quantized else autocast_dtype(device, cfg.base_dtype, cfg.cpu_autocast))
-    if cfg.adapter != "lora":  # other adapter types: fedtune.adapter_types (sparse: fedtune.sparse)
-        from fedtune.adapter_types import ADAPTERS
-
-        return place(_fp32_trainable(ADAPTERS.get(cfg.adapter)(base, cfg, seed)), where)
-    num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
-    if cfg.lora_layers and not num_layers:
-        raise ModelError(f"lora-layers needs a model with num_hidden_layers in its config; {cfg.model!r} has none")
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            model = get_peft_model(base, lora_config(cfg, num_layers))
-    except ValueError as exc:  # e.g. target modules not found in the model
-        raise ModelError(f"cannot attach LoRA to {cfg.model!r}: {exc}") from None
+    model = kind_of(cfg.adapter).build(base, cfg, seed)  # fedtune.adapter_kinds (lora: peft LoRA, seeded)
     return place(_fp32_trainable(model), where)
 
 
@@ -143,25 +108,6 @@ def shared_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> SharedMode
     """One model per process and config: simulation actors and the server reuse it."""
     model = build_model(cfg, num_labels, seed)
     return SharedModel(model, trainable_state(model))
-
-
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """{name: tensor} of every trainable parameter (adapter + head), detached copies on the
-    CPU: the wire boundary, where tensors leave the model's device."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` into the trainable parameters; keys and shapes must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
-    if missing or extra:
-        raise ValueError(f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if state[name].shape != p.shape:
-                raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
-            p.copy_(state[name])
 
 
 def num_parameters(model: nn.Module) -> tuple[int, int]:

@@ -21,9 +21,9 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import catalog, compat
-from fedtune.adapter_types import ADAPTERS
+from fedtune.adapter_kinds import AdapterKind, register_adapter_kind as _add_kind
 from fedtune.bases import MODELS, ModelBuilder, builtin_models
-from fedtune.catalog import StrategyInfo
+from fedtune.catalog import AdapterKindInfo, StrategyInfo
 from fedtune.config import DataConfig, RunConfig
 from fedtune.data.sources import SOURCES, Split, TextDataset
 from fedtune.errors import ConfigError
@@ -33,7 +33,7 @@ from fedtune.strategies.lora import ClientFactors, LoRAFactors
 from fedtune.strategies.rank_aware import GlobalState, RankAware
 from fedtune.strategies.recipes import RECIPES
 
-__all__ = ["ClientFactors", "LoRAFactors", "RankAware", "Split", "StrategyInfo", "TextDataset", "owner",
+__all__ = ["AdapterKind", "AdapterKindInfo", "ClientFactors", "LoRAFactors", "RankAware", "Split", "StrategyInfo", "TextDataset", "owner",
            "register_adapter_kind", "register_dataset", "register_model", "register_strategy"]
 
 _OWNERS: dict[tuple[str, str], str] = {}  # (kind, name) -> the plugin module that registered it
@@ -143,11 +143,33 @@ def register_model(name: str, build: Callable[[int], Any], tokenizer: str = "min
         MODELS.register(name)(ModelBuilder(build, tokenizer))
 
 
-def register_adapter_kind(name: str, build: Callable[[Any, Any, int], Any]) -> None:
-    """Add an adapter kind: ``build(base, model_cfg, seed) -> model`` with only the adapter
-    (and head) trainable; selected with ``adapter=NAME``. Aggregation, reply encoding and
-    export treat it as they treat ``sparse`` today (see docs/architecture.md, "An adapter kind")."""
-    if _claim("adapter kind", name, name in catalog.ADAPTER_KINDS, _caller()):
-        ADAPTERS.register(name)(build)
-        catalog.ADAPTER_KINDS = (*catalog.ADAPTER_KINDS, name)
+def register_adapter_kind(kind: str | AdapterKindInfo, impl: AdapterKind | Callable[[Any, Any, int], Any],
+                          params: tuple[str, ...] = ()) -> None:
+    """Add an adapter kind (selected with ``adapter=NAME``) through fedtune's own interface.
+
+    Full form: ``register_adapter_kind(AdapterKindInfo(NAME, ...), MyKind())``, an
+    ``AdapterKind`` (fedtune/adapter_kinds/base.py: build, what a reply states and carries,
+    loading and merging for export) and its torch-free flags (which strategies aggregate it,
+    profiles, DP, quantized bases), as the built-in lora / sparse / ia3 are.
+    Short form: ``register_adapter_kind(NAME, build)`` with ``build(base, model_cfg, seed) ->
+    model`` (only the adapter and the head trainable; ``params``: fragments of the adapter's
+    parameter names, the rest trains at head-lr): a dense kind whose trainable state travels
+    whole and is averaged, like ia3 (fedavg / fedavgm / fedadam, no profiles)."""
+    if isinstance(kind, str):
+        info = AdapterKindInfo(kind, params=tuple(params), strategies="dense", profiles=False)
+        impl = _BuiltKind(kind, impl)
+    else:
+        info = kind
+    if _claim("adapter kind", info.name, info.name in catalog.ADAPTERS, _caller()):
+        _add_kind(info, impl)
+
+
+class _BuiltKind(AdapterKind):
+    """A dense adapter kind from one build function (register_adapter_kind's short form)."""
+
+    def __init__(self, name: str, build: Callable[[Any, Any, int], Any]) -> None:
+        self.name, self._build = name, build
+
+    def build(self, base: Any, cfg: Any, seed: int) -> Any:
+        return self._build(base, cfg, seed)
 

@@ -90,8 +90,10 @@ def assign(cfg, client: int, probe: Callable[[], Hardware] = probe_hardware) -> 
     if spec == AUTO:
         from fedtune.modeling import base_params
 
-        lora = cfg.model.adapter == "lora"  # a quantized base takes LoRA only
-        found = detect_profile(probe, cfg.federation.client_gpus, lambda: base_params(cfg.model) if lora else 0)
+        from fedtune.catalog import adapter_kind
+
+        quant = not adapter_kind(cfg.model.adapter).base_quant  # a quantized base takes LoRA only
+        found = detect_profile(probe, cfg.federation.client_gpus, lambda: base_params(cfg.model) if quant else 0)
         if cfg.privacy.dp == "sample" and found.gradient_checkpointing:  # refused together (fedtune/tasks.py)
             found = replace(found, gradient_checkpointing=False)
         return found

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedtune.catalog import ADAPTERS as ADAPTER_INFO
 from fedtune.config import TrainConfig
 from fedtune.data.sources import Split
 from fedtune.device import placement_of, to_device
@@ -70,7 +71,7 @@ def num_local_steps(cfg: TrainConfig, n_examples: int) -> int:
 
 
 def _is_head(name: str) -> bool:
-    return "lora_" not in name and not name.endswith(".sparse_values")  # sparse adapters: fedtune.sparse
+    return not any(p in name for kind in ADAPTER_INFO.values() for p in kind.params)  # fedtune.catalog
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

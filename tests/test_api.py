@@ -31,7 +31,7 @@ def registries():
     from fedtune.data.sources import SOURCES
     from fedtune.strategies import RANK_AWARE, SPECS, STRATEGIES
 
-    dicts = [catalog.STRATEGIES, SPECS, RANK_AWARE, plugins._OWNERS, STRATEGIES._items, SOURCES._items,
+    dicts = [catalog.STRATEGIES, catalog.ADAPTERS, SPECS, RANK_AWARE, plugins._OWNERS, STRATEGIES._items, SOURCES._items,
              MODELS._items, ADAPTERS._items]
     saved = [dict(d) for d in dicts]
     attrs = [(catalog, "ADAPTER_KINDS"), (plugin_loader, "_entry_points_loaded")] + [

@@ -282,8 +282,8 @@ def test_large_logit_head_exports_and_a_wrong_export_still_fails(tmp_path, monke
 
     real_merge = export_mod.merge
 
-    def wrong_merge(m):  # a broken export: one base matrix 1% off
-        merged = real_merge(m)
+    def wrong_merge(m, *kind):  # a broken export: one base matrix 1% off
+        merged = real_merge(m, *kind)
         dense = [x for x in merged.modules() if isinstance(x, nn.Linear)][-2]  # the last one before the head
         with torch.no_grad():
             dense.weight.add_(0.01 * dense.weight.std() * torch.randn(dense.weight.shape, generator=torch.Generator().manual_seed(0)))

@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "fedtune.device": 3, "fedtune.quant": 3, "fedtune.wire": 3, "fedtune.privacy.accountant": 3,
     "fedtune.artifacts": 3,  # the run directory: the files training writes and export reads
     # 4 model, data, tasks, adapter kinds, local training
-    "fedtune.bases": 4, "fedtune.adapters": 4, "fedtune.adapter_types": 4, "fedtune.modeling": 4, "fedtune.tasks": 4,
+    "fedtune.bases": 4, "fedtune.adapters": 4, "fedtune.adapter_types": 4, "fedtune.adapter_kinds": 4, "fedtune.modeling": 4, "fedtune.tasks": 4,
     "fedtune.training": 4, "fedtune.evaluation": 4, "fedtune.data": 4, "fedtune.llm": 4, "fedtune.sparse": 4,
     "fedtune.head_init": 4, "fedtune.profiles": 4, "fedtune.privacy": 4,
     # 5 federation: strategies, clients, screens, DP wrappers, compression of replies
@@ -230,7 +230,7 @@ def test_config_validation_loads_neither_torch_nor_flwr() -> None:
 
 
 @pytest.mark.parametrize(("registry", "names"), [
-    ("fedtune.adapter_types:ADAPTERS", "ADAPTER_KINDS"), ("fedtune.sparse.select:SELECTIONS", "SELECTIONS"),
+    ("fedtune.adapter_kinds:KINDS", "ADAPTER_KINDS"), ("fedtune.sparse.select:SELECTIONS", "SELECTIONS"),
     ("fedtune.compression.codecs:CODECS", "CODECS"), ("fedtune.tasks:TASKS", "TASKS"),
     ("fedtune.strategies.robust:ROBUST", "ROBUST"), ("fedtune.privacy.accountant:ACCOUNTANTS", "ACCOUNTANTS"),
     ("fedtune.strategies:STRATEGIES", "STRATEGIES"),

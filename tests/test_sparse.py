@@ -25,7 +25,7 @@ P = Params(topk_fraction=0.1, dare_p=0.5, seed=3)
 def test_registries_match_the_cheap_name_lists():
     assert sorted(CODEC_NAMES) == CODECS.names()
     assert sorted(SELECTION_NAMES) == SELECTIONS.names()
-    assert ADAPTERS.names() == ["lora", "sparse"]
+    assert {"lora", "sparse"} <= set(ADAPTERS.names())  # and the others of fedtune.adapter_kinds
 
 
 def roundtrip(codec: str, x: torch.Tensor, p: Params = P) -> torch.Tensor:

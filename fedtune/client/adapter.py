@@ -19,7 +19,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from fedtune import wire
-from fedtune.adapters import scalings, set_base
+from fedtune.adapter_kinds import kind_of
+from fedtune.adapters import set_base
 from fedtune.client.node import local_data, resolve
 from fedtune.client.restore import saved_personal
 from fedtune.client.worker import Worker, get_worker
@@ -98,9 +99,7 @@ def reply_adapter(me: Prepared, context: Context, server_round: int = 0) -> tupl
         mine = {k: v for k, v in trainable_state(worker.model).items() if recipe.keeps(k)}
         context.state[LOCAL] = wire.to_record(mine)
         save_personal(cfg, me.client, me.profile, mine, server_round)
-    scales = set(scalings(worker.model).values())
-    if len(scales) != 1:
-        raise RuntimeError(f"adapter layers with different scalings: {sorted(scales)}")
-    stated = {wire.RANK: cfg.model.lora_rank, wire.ALPHA: cfg.model.lora_alpha, wire.SCALE: scales.pop(),
+    scale = kind_of(cfg.model.adapter).stated_scale(worker.model)  # LoRA: its one scaling; others: 1
+    stated = {wire.RANK: cfg.model.lora_rank, wire.ALPHA: cfg.model.lora_alpha, wire.SCALE: scale,
               wire.RSLORA: int(cfg.model.use_rslora)}
     return stated, ConfigRecord({wire.PROFILE: me.profile.name})

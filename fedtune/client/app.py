@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import wire
+from fedtune.catalog import adapter_kind
 from fedtune.client.adapter import prepare, reply_adapter
 from fedtune.client.gpu import device_metrics, oom_mod, start_round
 from fedtune.client.node import profile_of
@@ -25,6 +26,10 @@ from fedtune.training import client_seed, train_local
 
 app = ClientApp()
 
+# A kind's own local run, by its catalog name for it (fedtune.catalog.AdapterKindInfo.training);
+# plain: fedtune.training.train_local, or DP-SGD with dp=sample.
+LOCAL_RUNS = {"sparse": train_sparse_client}  # fedtune.sparse: choose entries, train only them (DP-SGD: seeded masks)
+
 
 # secagg_mod (outermost): Flower's SecAgg+ when the server runs it; a CUDA OOM fails this client only;
 # client_dp_mod clips (dp=client-* with dp-clipping=client) before masking
@@ -35,8 +40,8 @@ def train(msg: Message, context: Context) -> Message:
     start_round(worker.model)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = client_seed(cfg.federation.seed, server_round, client)
-    if cfg.model.adapter == "sparse":  # fedtune.sparse: choose entries, train only them (DP-SGD: seeded masks)
-        stats = train_sparse_client(worker, cfg, seed, context, client)
+    if (local_run := LOCAL_RUNS.get(adapter_kind(cfg.model.adapter).training)) is not None:
+        stats = local_run(worker, cfg, seed, context, client)
     elif cfg.privacy.dp == "sample":  # DP-SGD, this client's accountant kept across rounds and restarts
         stats = train_sample_dp(worker, cfg, seed, context, client)
     else:

@@ -24,6 +24,7 @@ from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarra
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedtune import wire
+from fedtune.catalog import adapter_kind
 
 KEYS = "fedtune-keys"  # the array names, in order (fedtune.server.secagg)
 MASK = "secagg-mask/"  # + a sparse layer's key: its 0/1 mask, summed securely beside the masked delta
@@ -115,7 +116,8 @@ def secagg_mod(msg: Message, context: Context, call_next):  # a Flower Mod, oute
     def train(m: Message, ctx: Context) -> Message:
         _to_fedtune(m)
         flat = json.loads(str(m.content[wire.CONFIG][wire.RUN_CONFIG]))
-        if flat.get("adapter") == "sparse":  # indices cannot be summed: a dense masked delta and its mask
+        if adapter_kind(flat.get("adapter", "lora")).reply == "entries":  # indices cannot be summed: a dense
+            # masked delta and its mask
             received = wire.from_record(m.content[wire.ARRAYS])
             return _to_fitres(_dense_sparse(call_next(m, ctx), received, flat),
                               float(flat.get("secagg-max-weight", 1000.0)))

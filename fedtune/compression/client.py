@@ -13,6 +13,8 @@ from flwr.app import ArrayRecord, Context
 from torch import Tensor, nn
 
 from fedtune import wire
+from fedtune.adapter_kinds import kind_of
+from fedtune.catalog import adapter_kind
 from fedtune.compression.codecs import CODECS, Params
 from fedtune.compression.downlink import densify
 from fedtune.compression.sparse_wire import SEP, encode_dense, encode_update
@@ -24,7 +26,7 @@ RESIDUAL = "fedtune-residual"  # context.state key: {name: what compression drop
 
 def encodes(cfg: RunConfig) -> bool:
     """Whether this run's train replies are encoded (and decoded by the server's screen)."""
-    return cfg.federation.compression != "none" or cfg.model.adapter == "sparse"
+    return cfg.federation.compression != "none" or adapter_kind(cfg.model.adapter).reply == "entries"
 
 
 def params(cfg: RunConfig, seed: int = 0) -> Params:
@@ -52,13 +54,9 @@ def encode_reply(cfg: RunConfig, model: nn.Module, received: ArrayRecord, contex
         return wire.to_record(state)
     sent = densify(wire.from_record(received))
     dense = {n: t - sent[n] if n in sent else t for n, t in state.items()}
-    sparse = getattr(model, "last_update", None) or {}
-    if cfg.model.adapter == "sparse":
-        if not sparse:
-            raise RuntimeError("a sparse adapter's reply needs its trained entries: train with fedtune.sparse.train")
-        model.last_update = None  # used once
+    sparse = kind_of(cfg.model.adapter).take_entries(model)  # sparse adapters: the trained entries, else {}
     p = params(cfg, seed)
     if cfg.federation.error_feedback and cfg.federation.compression != "none":
         dense = _with_feedback(dense, cfg, p, context)
-    seeded = cfg.model.adapter == "sparse" and cfg.model.sparse_selection == "random"
+    seeded = adapter_kind(cfg.model.adapter).reply == "entries" and cfg.model.sparse_selection == "random"
     return wire.to_record(encode_update(dense, sparse, cfg.federation.compression, p, seeded))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from flwr.app import Message
 
 from fedtune import wire
+from fedtune.catalog import adapter_kind
 from fedtune.compression.client import encodes, params
 from fedtune.compression.downlink import densify
 from fedtune.compression.sparse_wire import MaskOf, decode_update
@@ -27,7 +28,7 @@ MASKS = wire.MASKS  # RecordDict key, added by this screen: the sparse layers' m
 def seeded_masks(cfg: RunConfig, reply: Message) -> MaskOf | None:
     """For ``random`` selection: the masks the client used, regenerated from the run's seed at
     the density of the client's profile; None when indices travel."""
-    if cfg.model.adapter != "sparse" or cfg.model.sparse_selection != "random":
+    if adapter_kind(cfg.model.adapter).reply != "entries" or cfg.model.sparse_selection != "random":
         return None
     from fedtune.sparse.select import num_entries, random_mask
 
@@ -44,7 +45,7 @@ def build_decode(cfg: RunConfig) -> Screen | None:
     if not encodes(cfg):
         return None
     codec, p = cfg.federation.compression, params(cfg)
-    sparse = cfg.model.adapter == "sparse"
+    sparse = adapter_kind(cfg.model.adapter).reply == "entries"  # sparse layers: masks for the mask-aware mean
 
     def check(reply: Message, sent: Sent) -> Message:
         node = reply.metadata.src_node_id

@@ -85,7 +85,7 @@ def _export(
         tok = read_tokenizer(tmp / TOKENIZER)
         batches = verify.encode_batches(tok, texts, options.batch_size)
         reference = verify.logits(verify.torch_runner(LogitsOnly(run.model)), batches)  # adapter not merged
-        merged = merge(run.model)
+        merged = merge(run.model, run.cfg.model.adapter)
         _write_models(merged, tmp, variants)
         engines = {"torch": verify.torch_runner(merged)}
         engines.update({v: verify.ort_runner(open_session(tmp / FILES[v], options.threads)) for v in variants})

@@ -36,9 +36,9 @@ class LMExportOptions:
 
 def load_lm(run_dir: Path):
     """The run's global causal LM (fp32 base, adapter not merged) and its config."""
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from fedtune.adapter_kinds import kind_of
     from fedtune.adapters import set_base
     from fedtune.edge_export.merge import _base_deltas, _run_files, for_export
     from fedtune.modeling import build_model
@@ -50,7 +50,7 @@ def load_lm(run_dir: Path):
     mcfg = for_export(server_model(cfg))  # the full-precision base on the CPU
     model = build_model(mcfg, len(json.loads(labels_file.read_text())), seed=cfg.federation.seed)
     try:
-        set_peft_model_state_dict(model, load_file(str(weights)))
+        kind_of(mcfg.adapter).load_saved(model, load_file(str(weights)))
         set_base(model, _base_deltas(run_dir))
     except Exception as exc:
         raise ExportError(f"the adapter in {run_dir} does not fit its base model: {str(exc).splitlines()[0]}") from None
@@ -120,7 +120,9 @@ def export_lm(run_dir: str | Path, out: str | Path, options: LMExportOptions = L
     prompts = prompts or PROMPTS
     with torch_threads(options.threads):
         cfg, model = load_lm(run_dir)
-        merged = model.merge_and_unload().eval()
+        from fedtune.adapter_kinds import kind_of
+
+        merged = kind_of(cfg.model.adapter).merge_for_export(model).eval()
         with staging(out) as tmp:
             write_assets(cfg.model.model, merged.config, tmp)
             t = time.perf_counter()

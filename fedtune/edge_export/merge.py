@@ -90,11 +90,11 @@ def for_export(mcfg):
 
 
 def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from fedtune.adapter_kinds import kind_of
     from fedtune.adapters import set_base
-    from fedtune.modeling import build_model, load_trainable_state
+    from fedtune.modeling import build_model
     from fedtune.profiles import server_model
     from fedtune.artifacts import RunDir
 
@@ -106,11 +106,7 @@ def _load_global(run_dir: Path) -> tuple[LoadedRun, dict[str, Tensor]]:
         model = build_model(mcfg, len(labels), seed=cfg.federation.seed)
     try:
         state = load_file(str(weights))
-        if mcfg.adapter == "sparse":  # the head; the sparse delta is in the base deltas (fedtune.sparse)
-            load_trainable_state(model, state)
-            unexpected = []
-        else:
-            unexpected = set_peft_model_state_dict(model, state).unexpected_keys
+        unexpected = kind_of(mcfg.adapter).load_saved(model, state)  # sparse: the head (its delta: base deltas)
     except Exception as exc:  # a truncated file, a shape mismatch: this run's adapter is unusable
         raise ExportError(f"the adapter in {run_dir} does not fit its base model: {_first_line(exc)}") from None
     trainable = sum(p.requires_grad for p in model.parameters())
@@ -228,6 +224,8 @@ def load_profile(run_dir: str | Path, profile: str) -> LoadedRun:
     return LoadedRun(cfg, labels, model, source)
 
 
-def merge(model: nn.Module) -> LogitsOnly:
-    """Fold the adapter into the base weights (in place) and drop the peft wrapper."""
-    return LogitsOnly(model.merge_and_unload()).eval()
+def merge(model: nn.Module, adapter: str = "lora") -> LogitsOnly:
+    """Fold the adapter (of kind ``adapter``) into the base weights (in place) and drop the wrapper."""
+    from fedtune.adapter_kinds import kind_of
+
+    return LogitsOnly(kind_of(adapter).merge_for_export(model)).eval()

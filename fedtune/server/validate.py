@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedtune import wire
-from fedtune.adapters import A_SUFFIX, B_SUFFIX, deepest, split
+from fedtune.adapter_kinds import kind_of
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.profiles import candidates, lookup
@@ -57,7 +57,8 @@ class Validator:
         self.max_rank = max(p.lora_rank for p in candidates(cfg))
         self.frozen = recipe_for(cfg.federation.strategy).frozen
         self.ratio = cfg.federation.max_norm_ratio
-        self.lora = cfg.model.adapter == "lora"  # sparse adapters: scale 1, their dense deltas travel as base-delta/
+        self.kind = kind_of(cfg.model.adapter)  # what a reply states and carries (fedtune.adapter_kinds)
+        self.entries = self.kind.info.reply == "entries"  # sparse: their dense deltas travel as base-delta/
         self.reference: dict[str, tuple[int, ...]] = {}
         self.members: Mapping[int, Any] = {}
 
@@ -68,7 +69,7 @@ class Validator:
     def _replied(self, key: str) -> bool:
         """Whether clients send ``key`` back: base deltas only with sparse adapters (LoRA strategies
         send them down, FLoRA / FedEx-LoRA, and never get them back)."""
-        return not self.lora or not key.startswith(wire.BASE)
+        return self.entries or not key.startswith(wire.BASE)
 
     def _check_stated(self, node: int, st: Stated) -> Any:
         """The profile the reply's statements are consistent with, or BadUpdate."""
@@ -84,10 +85,9 @@ class Validator:
             profile = lookup(self.cfg, st.profile)
         except ConfigError:
             raise BadUpdate(f"unknown profile {st.profile[:40]!r}") from None
-        m = self.cfg.model
-        try:  # sparse adapters: no LoRA factors, nothing scaled (a sparse delta merges as is, fedtune.sparse)
+        try:  # the kind checks the rest (LoRA: alpha, rsLoRA, scale; fedtune.adapter_kinds)
             check_stated(profile.name, st.rank, st.alpha, st.rslora, st.scale, profile,
-                         None if member is None else member.profile, m.lora_alpha, m.use_rslora, scaled=self.lora)
+                         None if member is None else member.profile, self.cfg.model)
         except ValueError as err:
             raise BadUpdate(str(err)) from None
         return profile
@@ -96,17 +96,7 @@ class Validator:
         """The {name: shape} a client of the stated (and checked) profile and rank sends back."""
         profile = self._check_stated(node, st)
         reference = self.reference or {k: tuple(t.shape) for k, t in sent.items() if self._replied(k)}
-        layers, head = split(reference)  # type: ignore[arg-type]  # shapes in place of tensors
-        out: dict[str, tuple[int, ...]] = dict(head)  # type: ignore[arg-type]
-        for layer in deepest(layers, profile.layers) if layers else ():
-            parts = layers[layer]
-            if "A" in parts and "lora_A" not in self.frozen:
-                out[layer + A_SUFFIX] = (st.rank, parts["A"][1])
-            if "B" in parts and "lora_B" not in self.frozen:
-                out[layer + B_SUFFIX] = (parts["B"][0], st.rank)
-        if self.cfg.model.adapter == "sparse":  # the decode screen's dense sparse deltas (fedtune.compression)
-            out.update({k: tuple(t.shape) for k, t in sent.items() if k.startswith(wire.BASE)})
-        return out
+        return self.kind.reply_shapes(reference, sent, profile.layers, st.rank, self.frozen)
 
     def __call__(self, server_round: int, replies: list[Message], sent: Sent) -> tuple[list[Message], list[Rejected]]:
         kept: list[tuple[Message, float]] = []

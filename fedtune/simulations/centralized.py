@@ -36,10 +36,13 @@ def federated_budget(cfg: RunConfig) -> tuple[int, list[int]]:
 
 
 def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    if cfg.model.adapter != "lora":
+    from fedtune.catalog import adapter_kind
+
+    if adapter_kind(cfg.model.adapter).training != "plain":  # sparse: its entries are chosen per client
         from fedtune.errors import ConfigError
 
-        raise ConfigError(f"bad value adapter={cfg.model.adapter!r}: the centralized ceiling trains LoRA only")
+        raise ConfigError(f"bad value adapter={cfg.model.adapter!r}: the centralized ceiling trains "
+                          "adapters with a plain local run only (sparse entries are chosen per client)")
     run = RunDir(out).create(cfg, {"mode": "centralized"})
     ds = load_dataset(cfg.data)
     tok = load_tokenizer(cfg.model.model)

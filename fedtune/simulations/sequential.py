@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from fedtune.catalog import adapter_kind
 from fedtune.client.worker import get_worker
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
@@ -33,8 +34,9 @@ def fedavg_round(cfg: RunConfig, state: dict[str, Tensor], clients, server_round
 
 
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
-    if cfg.federation.strategy != "fedavg" or cfg.model.adapter != "lora":
-        raise ValueError("the sequential reference implements fedavg of LoRA adapters only")
+    kind = adapter_kind(cfg.model.adapter)
+    if cfg.federation.strategy != "fedavg" or kind.training != "plain" or kind.aggregation != "mean":
+        raise ValueError("the sequential reference implements fedavg of adapters with a plain local run and mean only")
     if cfg.privacy.dp != "none":
         raise ValueError(f"the sequential reference has no differential privacy; dp={cfg.privacy.dp!r} needs simulate")
     n = cfg.partition.num_clients

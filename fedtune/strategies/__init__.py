@@ -15,7 +15,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.catalog import STRATEGIES as CATALOG, StrategyInfo
+from fedtune.catalog import STRATEGIES as CATALOG, StrategyInfo, adapter_kind
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.profiles import candidates
@@ -29,12 +29,22 @@ from fedtune.strategies.rank_aware import RankAware
 STRATEGIES: Registry[Callable[[RunConfig], Strategy]] = Registry("strategy")
 
 
+def _mask_aware(cfg: RunConfig) -> Strategy:
+    """The mask-aware mean of sparse deltas (fedtune/strategies/sparse)."""
+    from fedtune.strategies.sparse.strategy import SparseFedAvg
+
+    return SparseFedAvg(**sampling(cfg))
+
+
+# fedavg's aggregation of an adapter kind other than its own mean, by the kind's catalog name for it
+# (fedtune.catalog.AdapterKindInfo.aggregation): the model layer names it, this layer resolves it.
+AGGREGATIONS: dict[str, Callable[[RunConfig], Strategy]] = {"mask-aware": _mask_aware}
+
+
 @STRATEGIES.register("fedavg")
 def _fedavg(cfg: RunConfig) -> Strategy:
-    if cfg.model.adapter == "sparse":  # mask-aware mean of sparse deltas (fedtune/strategies/sparse)
-        from fedtune.strategies.sparse.strategy import SparseFedAvg
-
-        return SparseFedAvg(**sampling(cfg))
+    if (own := AGGREGATIONS.get(adapter_kind(cfg.model.adapter).aggregation)) is not None:
+        return own(cfg)
     if cfg.federation.profiles:  # clients of several ranks: zero-padded per-factor average
         return RankFedAvg(cfg, **sampling(cfg))
     return FedAvg(**sampling(cfg))

@@ -23,8 +23,9 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedtune import wire
+from fedtune.adapter_kinds import kind_of
 from fedtune.adapters import deepest, join, split
-from fedtune.config import RunConfig
+from fedtune.config import ModelConfig, RunConfig
 from fedtune.profiles import Profile, candidates
 from fedtune.strategies.aggregation import weighted_mean
 from fedtune.strategies.fedavg import FedAvg, ordered
@@ -66,23 +67,20 @@ def members_of(grid: Grid) -> Mapping[int, Any]:
 
 
 def check_stated(stated: str, rank: int, alpha: float, rslora: bool, scale: float, profile: Profile,
-                 joined: Profile | None, run_alpha: float, run_rslora: bool, scaled: bool = True) -> None:
+                 joined: Profile | None, model: ModelConfig) -> None:
     """The one check of what a train reply states about its adapter: profile ``stated`` (found
     as ``profile``) against the one its node joined as (``joined``, where known), its rank
-    against that profile's, and (``scaled``: LoRA) alpha, rsLoRA and scale against the run's.
-    A one-line ValueError names the first mismatch. The validate screen
-    (fedtune.server.validate) runs it on every reply; ``RankAware.parse`` on what reaches it
-    unscreened (SecAgg+'s pseudo-replies)."""
+    against that profile's, and what the run's adapter kind checks of the rest (LoRA: alpha,
+    rsLoRA and scale against the run's; fedtune.adapter_kinds). A one-line ValueError names the
+    first mismatch. The validate screen (fedtune.server.validate) runs it on every reply;
+    ``RankAware.parse`` on what reaches it unscreened (SecAgg+'s pseudo-replies)."""
     if joined is not None and joined.name != stated:
         raise ValueError(f"states profile {stated!r}; the node joined as {joined.name!r}")
     if rank != profile.lora_rank:
         raise ValueError(f"states rank {rank}; profile {profile.name!r} has rank {profile.lora_rank}")
-    if not scaled:
-        return
-    want = rslora_scale(run_alpha, rank) if run_rslora else lora_scale(run_alpha, rank)
-    if alpha != run_alpha or rslora != run_rslora or not math.isclose(scale, want, rel_tol=1e-6):
-        raise ValueError(f"states alpha {alpha:g}, rslora {rslora}, scale {scale:g}; the run has alpha {run_alpha:g}, "
-                         f"rslora {run_rslora}, scale {want:g} at rank {rank}")
+    why = kind_of(model.adapter).statement_mismatch(model, rank, alpha, rslora, scale)
+    if why:
+        raise ValueError(why)
 
 
 class RankAware(FedAvg):
@@ -96,6 +94,7 @@ class RankAware(FedAvg):
     def __init__(self, cfg: RunConfig, **sampling: Any) -> None:
         super().__init__(**sampling)
         self.alpha, self.rslora, self.seed = cfg.model.lora_alpha, cfg.model.use_rslora, cfg.federation.seed
+        self.model = cfg.model
         self.rank = max(p.lora_rank for p in candidates(cfg))
         self.scale = self.scale_of(self.rank)
         self.members: Mapping[int, Any] = {}
@@ -171,7 +170,7 @@ class RankAware(FedAvg):
         profile = self.members[m.metadata.src_node_id].profile
         try:  # screened already, except under SecAgg+
             check_stated(str(m.content[wire.ADAPTER][wire.PROFILE]), rank, float(met[wire.ALPHA]),
-                         bool(met[wire.RSLORA]), scale, profile, profile, self.alpha, self.rslora)
+                         bool(met[wire.RSLORA]), scale, profile, profile, self.model)
         except ValueError as e:
             raise ValueError(f"client {client} {e}") from None
         glayers = split(g.trainable)[0]
