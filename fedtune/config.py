@@ -339,7 +339,12 @@ class RunConfig:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_flat(), sort_keys=True)
+        """The flat keys as JSON (config.json, and every message's ``fedtune-config``); ``plugins``
+        only when the run has some, so runs without plugins carry exactly the keys they did before."""
+        flat = self.to_flat()
+        if not flat.get("plugins"):
+            flat.pop("plugins", None)
+        return json.dumps(flat, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
