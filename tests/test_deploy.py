@@ -169,10 +169,12 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path):
+def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path, secagg_deployment):
     """3 rounds over TLS with node auth; an unregistered node is refused; one SuperNode is
     SIGKILLed as round 2 starts and rounds 2 and 3 complete with the other two. Each node's
-    long-lived worker builds its model once and serves every round from one process."""
+    long-lived worker builds its model once and serves every round from one process.
+    The SecAgg+ deployment (test_secagg_plus_over_the_deployment_engine) starts beside it after
+    round 1: from there this run mostly waits (for Flower's 30 s node heartbeat to drop the node)."""
     creds = make_credentials(tmp_path / "creds", nodes=4)  # node-3's key is never registered
     address = f"127.0.0.1:{free_port()}"
     run = tmp_path / "run"
@@ -202,6 +204,7 @@ def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path):
         assert "Failed to activate SuperNode" in (tmp_path / "node3.log").read_text()
         _wait(lambda: len(_rows(run)) >= 2, 300, "round 1", [("serve", server)] + procs[1:4])
         os.kill(nodes[2].pid, signal.SIGKILL)  # `fedtune join` exec'ed into the SuperNode: this kills it
+        secagg_deployment.start()
         assert server.wait(timeout=300) == 0, serve_log.read_text()[-3000:]
     finally:
         for _, proc in reversed(procs):
@@ -245,34 +248,72 @@ def test_a_node_with_its_own_file_trains_on_all_of_it(tmp_path, quick_cfg):
     assert len(worker.data.train) + len(worker.data.val) == 60  # every training row of the node's file, no other
 
 
-@pytest.mark.slow
-def test_secagg_plus_over_the_deployment_engine(tmp_path):
-    """`fedtune serve --set secure-aggregation=secagg+` and 3 `fedtune join` SuperNodes: one round runs
-    Flower's SecAgg+ over gRPC (TLS, node auth) and aggregates all three clients."""
-    creds = make_credentials(tmp_path / "creds", nodes=3)
-    address = f"127.0.0.1:{free_port()}"
-    run = tmp_path / "run"
-    procs: list[tuple[str, subprocess.Popen]] = []
+class SecAggDeployment:
+    """`fedtune serve --set secure-aggregation=secagg+` and 3 `fedtune join` SuperNodes, started
+    once (:meth:`start`, from whichever test comes first) and followed to the end (:meth:`wait`)."""
 
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        log = (tmp_path / f"{name}.log").open("wb")
+    def __init__(self, root: Path) -> None:
+        self.root, self.run = root, root / "run"
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.error: BaseException | None = None  # a failed start, raised by wait()
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("wb")
         proc = subprocess.Popen(FEDTUNE + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append((name, proc))
+        self.procs.append((name, proc))
         return proc
 
-    try:
+    def start(self) -> None:
+        if self.procs or self.error:
+            return
+        try:
+            self._launch()
+        except Exception as exc:  # noqa: BLE001 - reported by wait(), in the test it belongs to
+            self.error = exc
+
+    def _launch(self) -> None:
+        creds = make_credentials(self.root / "creds", nodes=3)
+        address = f"127.0.0.1:{free_port()}"
         node_keys = [a for i in range(3) for a in ("--node-key", str(creds.node_pub(i)))]
-        server = start("serve", ["serve", *QUICK, "--set", "rounds=1", "--set", "secure-aggregation=secagg+",
-                                 "--certs", str(creds.folder), "--address", address, "--out", str(run), *node_keys])
-        serve_log = tmp_path / "serve.log"
+        server = self._start("serve", ["serve", *QUICK, "--set", "rounds=1", "--set", "secure-aggregation=secagg+",
+                                       "--certs", str(creds.folder), "--address", address, "--out", str(self.run),
+                                       *node_keys])
+        serve_log = self.root / "serve.log"
         _wait(lambda: "waits for 3 SuperNodes" in serve_log.read_text(), 180, "the SuperLink", [("serve", server)])
         for i in range(3):
-            start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key", str(creds.node_key(i)),
-                               "--partition-id", str(i), "--state-dir", str(tmp_path / f"home{i}")])
-        assert server.wait(timeout=400) == 0, serve_log.read_text()[-3000:]
-    finally:
-        for _, proc in reversed(procs):
+            self._start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key",
+                                     str(creds.node_key(i)), "--partition-id", str(i),
+                                     "--state-dir", str(self.root / f"home{i}")])
+
+    def wait(self) -> None:
+        self.start()
+        if self.error:
+            raise self.error
+        server = self.procs[0][1]
+        assert server.wait(timeout=400) == 0, (self.root / "serve.log").read_text()[-3000:]
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
             stop_tree(proc, grace=3)
-    rows = _rows(run)
+
+
+@pytest.fixture(scope="module")
+def secagg_deployment(tmp_path_factory):
+    deployment = SecAggDeployment(tmp_path_factory.mktemp("secagg-deploy"))
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.mark.slow
+def test_secagg_plus_over_the_deployment_engine(secagg_deployment):
+    """`fedtune serve --set secure-aggregation=secagg+` and 3 `fedtune join` SuperNodes: one round runs
+    Flower's SecAgg+ over gRPC (TLS, node auth) and aggregates all three clients."""
+    try:
+        secagg_deployment.wait()
+    finally:
+        secagg_deployment.stop()
+    rows = _rows(secagg_deployment.run)
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["aggregated"] and rows[1]["clients"] == 3 and rows[1]["bytes_up"] > 0, rows[1]

@@ -15,7 +15,7 @@ from fedtune.simulations.simulate import simulate
 def test_lost_clients_are_recorded_and_rounds_complete(tmp_path):
     import faulty_clients  # tests/faulty_clients.py: clients 1 (round 1), 3 (round 2) crash, 2 hangs in round 2
 
-    cfg = resolve("tiny", overrides={"rounds": 2, "min-train-nodes": 3, "round-timeout": 90,
+    cfg = resolve("tiny", overrides={"rounds": 2, "min-train-nodes": 3, "round-timeout": 60,
                                       "fraction-evaluate": 0.0})
     summary = simulate(cfg, tmp_path, progress=lambda row: None, client_app=faulty_clients.app)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -28,4 +28,4 @@ def test_lost_clients_are_recorded_and_rounds_complete(tmp_path):
     assert r2["missing"] == [2, 3] and len(r2["failures"]) == 1 and r2["clients"] == 2
     assert not r2["aggregated"] and "2 good replies of 3 required" in r2["note"]
     assert (r2["accuracy"], r2["loss"]) == (r1["accuracy"], r1["loss"])
-    assert r2["seconds"] >= 90  # the round waited for the timeout, not for the hung client (100 s)
+    assert r2["seconds"] >= 60  # the round waited for the timeout, not for the hung client (65 s)

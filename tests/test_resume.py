@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def test_resume_refuses_changes_and_runs_without_checkpoint(tmp_path):
         resume_config(tmp_path / "nope", None, [], None)
 
 
-# -- the acceptance test: kill the server process mid-run, resume, compare ----------------------
+# -- the acceptance test: a run cut mid-round, resumed, against the uninterrupted run ----------
+
+STRATEGIES = ("fedavg", "fedadam")
 
 
 def _simulate(out: Path, strategy: str, *extra: str) -> subprocess.Popen:
@@ -148,6 +151,17 @@ def _simulate(out: Path, strategy: str, *extra: str) -> subprocess.Popen:
                 "--set", f"strategy={strategy}", "--out", str(out)]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(out.parent / f"{out.name}.log", "a"))
+
+
+def _cut(p: subprocess.Popen, run: Path, cut: Path) -> None:
+    """``cut``: ``run`` as a SIGKILL of its server process would leave it now. The process that
+    writes the run directory (the ServerApp runs in the driver) is frozen (SIGSTOP) while the
+    folder is copied, then goes on: the same run is the uninterrupted reference."""
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        shutil.copytree(run, cut)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
 
 
 def _kill_session(p: subprocess.Popen) -> None:
@@ -167,19 +181,42 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, strategy):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    uninterrupted, p = _simulate(ref, strategy), _simulate(cut, strategy)  # side by side: start-up dominates
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> Path:
+    """For each strategy, side by side (start-up dominates): an uninterrupted run ``<s>-ref``,
+    cut (``_cut``) once round 2 is checkpointed into ``<s>-cut``, and ``<s>-cut`` resumed."""
+    root = tmp_path_factory.mktemp("resume")
+    runs = {s: _simulate(root / f"{s}-ref", s) for s in STRATEGIES}
+    resumes: list[subprocess.Popen] = []
     deadline = time.monotonic() + 600
-    while not (cut / "checkpoint" / "round-0002").exists():
-        assert p.poll() is None and time.monotonic() < deadline, "the run ended before round 2 was checkpointed"
-        time.sleep(0.02)
-    _kill_session(p)
-    assert checkpoint.latest(cut).round == 2 and not (cut / "summary.json").exists()  # killed mid-run
-    assert _simulate(cut, strategy, "--resume", str(cut)).wait(timeout=600) == 0
-    assert uninterrupted.wait(timeout=600) == 0
+    pending = set(STRATEGIES)
+    try:
+        while pending:
+            for s in sorted(pending):
+                if (root / f"{s}-ref" / "checkpoint" / "round-0002").exists():
+                    _cut(runs[s], root / f"{s}-ref", root / f"{s}-cut")
+                    pending.discard(s)
+                else:
+                    assert runs[s].poll() is None, f"{s}: the run ended before round 2 was checkpointed"
+            assert time.monotonic() < deadline, f"{sorted(pending)}: round 2 was not checkpointed in 600 s"
+            time.sleep(0.02)
+        for s in STRATEGIES:
+            cut = root / f"{s}-cut"
+            assert checkpoint.latest(cut).round == 2 and not (cut / "summary.json").exists()  # cut mid-run
+        resumes = [_simulate(root / f"{s}-cut", s, "--resume", str(root / f"{s}-cut")) for s in STRATEGIES]
+        for p in resumes + list(runs.values()):
+            assert p.wait(timeout=600) == 0
+    finally:
+        for p in [*runs.values(), *resumes]:
+            if p.poll() is None:  # only on failure
+                _kill_session(p)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_killed_run_resumes_to_the_uninterrupted_adapter(resumed, strategy):
+    ref, cut = resumed / f"{strategy}-ref", resumed / f"{strategy}-cut"
     a, b = _adapter(ref), _adapter(cut)
     assert a.keys() == b.keys()
     for k in a:
