@@ -7,6 +7,9 @@ round (rounds 1..R; round 0 is start-up and the initial evaluation) and the rati
 deployed / simulated. Goal: <= 1.2.
 
     .venv/bin/python bench/deployed.py [--preset quick] [--set key=value ...] [--no-write]
+    # a round where local training dominates (MiniLM, the anchor's data and local epoch), its own section:
+    .venv/bin/python bench/deployed.py --preset default --nodes 4 --section deployed-minilm \
+        --set train-size=1500 --set max-length=128 --set local-epochs=1 --set eval-size=800
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--section", default="deployed", help="the docs/benchmarks.md section it writes")
     args = ap.parse_args()
     sets = [f"num-clients={args.nodes}", f"rounds={args.rounds}", "fraction-evaluate=0", *args.set]
     config = ["--preset", args.preset] + [a for s in sets for a in ("--set", s)]
@@ -107,7 +111,7 @@ def main() -> None:
     if args.no_write:
         return
     body = "\n".join([
-        "## Deployed vs simulated rounds (`bench/deployed.py`)",
+        f"## Deployed vs simulated rounds (`bench/deployed.py`, {args.preset} preset, {args.nodes} nodes)",
         "",
         f"`--preset {args.preset}` {' '.join('--set ' + s for s in sets)}: {args.nodes} SuperNodes on loopback "
         "(`fedtune serve` + `fedtune join`, TLS, node auth, one long-lived worker per node) against "
@@ -123,9 +127,11 @@ def main() -> None:
         "a fresh `flwr-clientapp` process per message (Python and Flower's imports, the app bundle installed) "
         "(the server polls for replies every 0.1 s: fedtune.server.nodes). That cost is fixed per round: it "
         "dominates with a small model and a short local run, and shrinks in proportion as local training grows. "
-        f"Load average (1 min) at the start: {load[0]:.1f} on {os.cpu_count()} cores.",
+        f"Load average (1 min) at the start: {load[0]:.1f} on {os.cpu_count()} cores. Command: "
+        f"`.venv/bin/python bench/deployed.py --preset {args.preset} --nodes {args.nodes} --rounds {args.rounds}"
+        + "".join(f" --set {s}" for s in args.set) + (f" --section {args.section}`" if args.section != "deployed" else "`"),
     ])
-    common.write_section("deployed", body)
+    common.write_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -229,10 +229,10 @@ def test_export_user_errors_are_one_line(tmp_path, capsys, args):
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory):
     """MiniLM + LoRA trained 60 centralized steps (about 55% test accuracy: enough for the
-    int8 comparison to mean something), exported and verified on 2000 test examples."""
+    int8 comparison to mean something), exported and verified on 1000 test examples (1 point = 10 examples)."""
     root = tmp_path_factory.mktemp("minilm")
     run = train_demo_run(resolve("default", None, {"eval-size": 200}), root / "run", steps=60)
-    return export_fp32_int8(run.path, root / "edge", ExportOptions(examples=2000, latency_runs=5))
+    return export_fp32_int8(run.path, root / "edge", ExportOptions(examples=1000, latency_runs=5))
 
 
 @pytest.mark.slow
