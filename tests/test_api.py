@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def registries():
     """Every registry a plugin writes to, restored afterwards (the tests' plugins stay local)."""
     from fedtune import plugins
-    from fedtune.adapter_types import ADAPTERS
+    from fedtune.adapter_kinds import KINDS as ADAPTERS
     from fedtune.bases import MODELS
     from fedtune.data.sources import SOURCES
     from fedtune.strategies import RANK_AWARE, SPECS, STRATEGIES

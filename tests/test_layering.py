@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "fedtune.device": 3, "fedtune.quant": 3, "fedtune.wire": 3, "fedtune.privacy.accountant": 3,
     "fedtune.artifacts": 3,  # the run directory: the files training writes and export reads
     # 4 model, data, tasks, adapter kinds, local training
-    "fedtune.bases": 4, "fedtune.adapters": 4, "fedtune.adapter_types": 4, "fedtune.adapter_kinds": 4, "fedtune.modeling": 4, "fedtune.tasks": 4,
+    "fedtune.bases": 4, "fedtune.adapters": 4, "fedtune.adapter_kinds": 4, "fedtune.modeling": 4, "fedtune.tasks": 4,
     "fedtune.training": 4, "fedtune.evaluation": 4, "fedtune.data": 4, "fedtune.llm": 4, "fedtune.sparse": 4,
     "fedtune.head_init": 4, "fedtune.profiles": 4, "fedtune.privacy": 4,
     # 5 federation: strategies, clients, screens, DP wrappers, compression of replies

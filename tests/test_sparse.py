@@ -10,7 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune import wire
-from fedtune.adapter_types import ADAPTERS, SELECTIONS as SELECTION_NAMES
+from fedtune.adapter_kinds import KINDS as ADAPTERS
+from fedtune.catalog import SELECTIONS as SELECTION_NAMES
 from fedtune.compression import CODECS as CODEC_NAMES
 from fedtune.compression.codecs import CODECS, Params
 from fedtune.compression.sparse_wire import decode_update, encode_update
