@@ -126,26 +126,15 @@ def centralized(preset: str = "default", config: str | Path | Mapping[str, Any] 
 
 
 def export(run: Run | str | Path, out: str | Path, *, int8: bool = False, client: int | None = None,
-           examples: int = 256, threads: int = 1, latency_runs: int = 50) -> dict[str, Any]:
+           profile: str | None = None, examples: int = 256, threads: int = 1, latency_runs: int = 50) -> dict[str, Any]:
     """Merge a run's adapter and export it to ONNX, verified (``fedtune export``); returns the
     export report (also in ``out/export_report.json``). ``int8``: also a quantized model;
-    ``client``: that client's personalised model (fedsa). Serve it with ``EdgeClassifier(out)``
-    (an LLM run: ``EdgeGenerator(out)``)."""
-    from fedtune.edge_export.errors import ExportError
+    ``client``: that client's personalised model (fedsa); ``profile``: that profile's model.
+    Serve it with ``EdgeClassifier(out)`` (an LLM run: ``EdgeGenerator(out)``)."""
+    from fedtune.edge_export.commands import export_run
 
     path = run.path if isinstance(run, Run) else Path(run)
-    if examples < 1 or threads < 1 or latency_runs < 1:
-        raise ExportError("examples, threads and latency_runs must be positive")
-    cfg = load_run(path).config
+    load_run(path)  # a run directory whose config (and plugins) load
     print(f"fedtune: exporting {path} -> {out}", file=sys.stderr)
-    if cfg.model.task == "causal-lm":
-        from fedtune.edge_export.export_lm import LMExportOptions, export_lm
-
-        if client is not None:
-            raise ExportError("client: an LLM run exports its global model only")
-        return export_lm(path, out, LMExportOptions(int8=int8, threads=threads))
-    from fedtune.edge_export.export import ExportOptions, export_fp32, export_fp32_int8
-
-    options = ExportOptions(examples=examples, latency_runs=latency_runs, threads=threads)
-    return (export_fp32_int8 if int8 else export_fp32)(path, out, options, client=client)
-
+    return export_run(path, out, int8=int8, client=client, profile=profile, examples=examples,
+                      latency_runs=latency_runs, threads=threads)

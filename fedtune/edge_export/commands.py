@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,51 +40,65 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_infer)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def export_run(run_dir: str | Path, out: str | Path, *, int8: bool = False, client: int | None = None,
+               profile: str | None = None, examples: int = 256, latency_runs: int = 50, threads: int = 1,
+               max_abs_diff: float | None = None) -> dict[str, Any]:
+    """Export a run, verified: a classifier to ONNX (``client``/``profile``: that view), an LLM
+    run to a decoder with a KV cache (fedtune/edge_export/export_lm.py). Returns the report;
+    ``fedtune export`` and ``fedtune.export`` both go through here."""
     from fedtune.edge_export.errors import ExportError
+
+    _check_positive(examples, latency_runs, threads, max_abs_diff)
+    tol = {} if max_abs_diff is None else {"max_abs_diff": max_abs_diff}
+    if _run_task(run_dir) == "causal-lm":
+        from fedtune.edge_export.export_lm import LMExportOptions, export_lm
+
+        if client is not None or profile is not None:
+            raise ExportError(f"--{'client' if client is not None else 'profile'}: an LLM run exports its global "
+                              "model only")
+        return export_lm(run_dir, out, LMExportOptions(int8=int8, threads=threads, **tol))
     from fedtune.edge_export.export import ExportOptions, export_fp32, export_fp32_int8
+
+    options = ExportOptions(examples=examples, latency_runs=latency_runs, threads=threads, **tol)
+    return (export_fp32_int8 if int8 else export_fp32)(run_dir, out, options, client=client, profile=profile)
+
+
+def _check_positive(examples: int, latency_runs: int, threads: int, max_abs_diff: float | None) -> None:
+    from fedtune.edge_export.errors import ExportError
+
+    if examples < 1 or latency_runs < 1 or threads < 1 or not (max_abs_diff is None or max_abs_diff > 0):
+        raise ExportError("--examples, --latency-runs, --threads and --max-abs-diff must be positive")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
     from fedtune.edge_export.report import format_table
 
-    if args.examples < 1 or args.latency_runs < 1 or args.threads < 1 or not args.max_abs_diff > 0:
-        raise ExportError("--examples, --latency-runs, --threads and --max-abs-diff must be positive")
-    if _run_task(args.run_dir) == "causal-lm":  # a decoder with a KV cache (fedtune/edge_export/export_lm.py)
-        return _export_lm(args)
-    options = ExportOptions(
-        examples=args.examples, max_abs_diff=args.max_abs_diff, latency_runs=args.latency_runs, threads=args.threads
-    )
-    export = export_fp32_int8 if args.int8 else export_fp32
+    _check_positive(args.examples, args.latency_runs, args.threads, args.max_abs_diff)  # before the first line
+    lm = _run_task(args.run_dir) == "causal-lm"
     what = args.run_dir if args.client is None else f"{args.run_dir} (client {args.client})"
     what = what if args.profile is None else f"{args.run_dir} (profile {args.profile})"
-    print(f"fedtune: exporting {what} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
-    report = export(args.run_dir, args.out, options, client=args.client, profile=args.profile)
-    print(format_table(report))
+    print(f"fedtune: exporting LLM {args.run_dir} -> {args.out} (decoder with KV cache), verifying greedy tokens"
+          if lm else f"fedtune: exporting {what} -> {args.out}, verifying on {args.examples} examples", file=sys.stderr)
+    report = export_run(args.run_dir, args.out, int8=args.int8, client=args.client, profile=args.profile,
+                        examples=args.examples, latency_runs=args.latency_runs, threads=args.threads,
+                        max_abs_diff=args.max_abs_diff)
+    if lm:
+        from fedtune.edge_export.export_lm import format_lm_table
+
+        print(format_lm_table(report))
+    else:
+        print(format_table(report))
     print(f"export written to {args.out}")
     return 0
 
 
-def _run_task(run_dir: str) -> str:
+def _run_task(run_dir: str | Path) -> str:
     import json
-    from pathlib import Path
 
     try:
         return str(json.loads((Path(run_dir) / "config.json").read_text()).get("task", "classify"))
     except (OSError, ValueError):
         return "classify"  # the classifier export reports what is missing
-
-
-def _export_lm(args: argparse.Namespace) -> int:
-    from fedtune.edge_export.errors import ExportError
-    from fedtune.edge_export.export_lm import LMExportOptions, export_lm, format_lm_table
-
-    if args.client is not None or args.profile is not None:
-        raise ExportError(f"--{'client' if args.client is not None else 'profile'}: an LLM run exports its global "
-                          "model only")
-    options = LMExportOptions(max_abs_diff=args.max_abs_diff, int8=args.int8, threads=args.threads)
-    print(f"fedtune: exporting LLM {args.run_dir} -> {args.out} (decoder with KV cache), verifying greedy tokens",
-          file=sys.stderr)
-    print(format_lm_table(export_lm(args.run_dir, args.out, options)))
-    print(f"export written to {args.out}")
-    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
