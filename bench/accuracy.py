@@ -9,7 +9,8 @@ Runs, on the same data, model, adapter and budget, for each partition and seed:
 
 Every run goes to the largest of ``--rounds`` and is read at each of them (local training
 does not depend on the total number of rounds, so round 4 of an 8-round run is the 4-round
-run). With ``--seeds N`` each cell is the mean ± the 95% Student-t interval over run seeds
+run). Finished runs are kept in ``runs/bench/accuracy.jsonl``: rerunning the same command after a
+stop trains only what is missing. With ``--seeds N`` each cell is the mean ± the 95% Student-t interval over run seeds
 0..N-1 (the seed draws the partition, the adapter's init and the client sampling; the test
 slice is fixed).
 
@@ -70,19 +71,26 @@ def main() -> None:
     curves: dict[tuple[str, str], list[list[float]]] = {}  # (partition, kind) -> per seed: accuracy per round
     spr: dict[tuple[str, str], list[float]] = {}
     cfg = None
+    done = common.Results("accuracy", base)  # finished runs survive a stop; a rerun picks up after them
     for part in args.partitions.split(","):
         for i in range(args.seeds):
             flat = common.seed_overrides({**base, **partition_overrides(part, base)}, i)
             for kind in kinds:
                 cfg = resolve("default", overrides={**flat, **(NAIVE if kind.startswith("naive") else {})})
+                key = f"{part}/{cfg.federation.seed}/{kind}"
                 print(f"== {part} seed {cfg.federation.seed}: {kind}", flush=True)
-                if kind.startswith("centralized"):
-                    out = tempfile.mkdtemp(prefix="fedtune-central-")
-                    centralized(cfg, out)
-                else:
-                    out = tempfile.mkdtemp(prefix="fedtune-acc-")
-                    spr.setdefault((part, kind), []).append(simulate(cfg, out)["seconds_per_round"])
-                curves.setdefault((part, kind), []).append([r["accuracy"] for r in RunDir(out).metrics()])
+                if (hit := done.get(key)) is None:
+                    central = kind.startswith("centralized")
+                    out = tempfile.mkdtemp(prefix="fedtune-central-" if central else "fedtune-acc-")
+                    if central:
+                        centralized(cfg, out)
+                        spr_run = None
+                    else:
+                        spr_run = simulate(cfg, out)["seconds_per_round"]
+                    hit = done.put(key, {"accuracy": [r["accuracy"] for r in RunDir(out).metrics()], "spr": spr_run})
+                curves.setdefault((part, kind), []).append(hit["accuracy"])
+                if hit["spr"] is not None:
+                    spr.setdefault((part, kind), []).append(hit["spr"])
     assert cfg is not None
 
     header = ["partition", "run", "round 0", *[f"round {r}" for r in report], "s/round"]

@@ -89,3 +89,43 @@ def seed_overrides(base: dict, i: int) -> dict:
     """``base`` for the ``i``-th seed: run seed = ``--set seed`` (default 0) + i. The seed sets
     the partition, the adapter's init and the client sampling; the test slice stays fixed."""
     return {**base, "seed": str(int(base.get("seed", 0)) + i)}
+
+
+class Results:
+    """Finished runs of a benchmark, one JSON line each in ``runs/bench/NAME.jsonl``: a rerun
+    with the same settings reads them back instead of training again, so a benchmark that
+    stops (Ctrl-C, a crash, the machine) loses only the run it was in.
+
+        done = Results("accuracy", settings)      # settings: what makes a run comparable
+        if (hit := done.get(key)) is None: hit = done.put(key, {"curve": [...]})
+    """
+
+    def __init__(self, name: str, settings: dict, folder: Path | None = None) -> None:
+        import json
+
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.path = (folder or DOC.parent.parent / "runs" / "bench") / f"{name}.jsonl"
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut off by a stop mid-write, or blank
+                    continue
+                if row.get("settings") == self.settings:
+                    self.rows[row["key"]] = row["value"]
+        if self.rows:
+            print(f"bench: {len(self.rows)} finished run(s) read back from {self.path}", flush=True)
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, value: dict) -> dict:
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
+        with self.path.open("a") as f:  # one line per finished run: a crash mid-write loses only that run
+            f.write(("\n" if torn else "") + json.dumps({"key": key, "settings": self.settings, "value": value}) + "\n")
+        self.rows[key] = value
+        return value

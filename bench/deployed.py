@@ -26,6 +26,8 @@ from pathlib import Path
 
 import common
 
+from fedtune.config import parse_set
+
 FEDTUNE = [sys.executable, "-m", "fedtune"]
 
 
@@ -34,7 +36,56 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
-def deployed(config: list[str], nodes: int, rounds: int, work: Path) -> list[dict]:
+KINDS = (("flower-superlink", "SuperLink"), ("flwr-serverapp", "ServerApp"), ("flower-supernode", "SuperNodes"),
+         ("flwr-clientapp", "flwr-clientapp (one per message)"), ("fedtune.client.service", "workers (training)"), ("superexec", "SuperExec"),
+         ("/flwr ls", "flwr ls (fedtune serve's status checks)"))
+
+
+class CpuBy:
+    """CPU seconds (user + system) spent by each kind of process between ``start`` and ``stop``,
+    sampled every half second (a process that lives between two samples is missed: flwr-clientapp
+    processes live for a whole message, seconds at least)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[str, float, float]] = {}  # pid -> (kind, cpu at start or birth, last cpu)
+        self.on = False
+
+    def sample(self) -> None:
+        if not self.on:
+            return
+        import psutil
+
+        for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            kind = next((name for needle, name in KINDS if needle in line), None)
+            times = proc.info["cpu_times"]
+            if kind is None or times is None:
+                continue
+            used = times.user + times.system
+            first = self.seen.get(proc.info["pid"], (kind, self.base.get(proc.info["pid"], 0.0), 0.0))[1]
+            self.seen[proc.info["pid"]] = (kind, first, used)
+
+    def start(self) -> None:
+        import psutil
+
+        self.base = {p.pid: sum(p.cpu_times()[:2]) for p in psutil.process_iter()}  # what ran before round 1
+        self.on = True
+        self.sample()
+
+    def stop(self) -> None:
+        self.sample()
+        self.on = False
+
+    def seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {name: 0.0 for _, name in KINDS}
+        for kind, first, last in self.seen.values():
+            out[kind] += last - first
+        return out
+
+
+def deployed(config: list[str], nodes: int, rounds: int, threads: int,
+             work: Path) -> tuple[list[dict], dict[str, float]]:
+    """Each node trains with ``threads`` torch threads, as many as a simulated client gets."""
     from fedtune.deploy.certs import make_credentials
     from fedtune.deploy.processes import free_port, stop_tree
 
@@ -57,20 +108,26 @@ def deployed(config: list[str], nodes: int, rounds: int, work: Path) -> list[dic
             time.sleep(0.5)
         for i in range(nodes):
             start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key", str(creds.node_key(i)),
-                               "--partition-id", str(i), "--state-dir", str(work / f"home{i}")])
-        last = -1
+                               "--partition-id", str(i), "--state-dir", str(work / f"home{i}"),
+                               "--threads", str(threads)])
+        last, cpu = -1, CpuBy()
         while server.poll() is None:
             rows = _rows(run)
             for r in rows[last + 1:]:
                 print(f"  deployed round {r['round']}: {r['seconds']:.1f} s", flush=True)
+                if r["round"] == 0:
+                    cpu.start()  # rounds 1..: what each kind of process costs while the federation trains
+                if r["round"] == rounds:
+                    cpu.stop()
             last = len(rows) - 1
+            cpu.sample()
             time.sleep(0.5)
         if server.returncode != 0:
             raise SystemExit(f"fedtune serve failed ({server.returncode}); see {work / 'serve.log'}")
     finally:
         for proc in reversed(procs):
             stop_tree(proc, grace=3)
-    return _rows(run)
+    return _rows(run), cpu.seconds()
 
 
 def simulated(config: list[str], work: Path) -> list[dict]:
@@ -92,22 +149,32 @@ def main() -> None:
     config = ["--preset", args.preset] + [a for s in sets for a in ("--set", s)]
     work = Path(tempfile.mkdtemp(prefix="fedtune-deployed-"))
     load = os.getloadavg()
-    dep = deployed(config, args.nodes, args.rounds, work)
+    from fedtune.presets import resolve
+
+    threads = resolve(args.preset, overrides=parse_set(sets)).federation.client_cpus
+    dep, cpu = deployed(config, args.nodes, args.rounds, threads, work)
     sim = simulated(config, work)
     for r in sim:
         print(f"  simulated round {r['round']}: {r['seconds']:.1f} s", flush=True)
     d = statistics.mean(r["seconds"] for r in dep[1:])
     s = statistics.mean(r["seconds"] for r in sim[1:])
-    builds, busy = [], []
+    builds, trains = [], []  # trains[node][k]: seconds of the node's (k+1)-th train message = round k+1
     for i in range(args.nodes):
         log = work / f"home{i}" / "worker" / "worker.jsonl"
         served = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
         builds.append(served[-1]["model_builds"] if served else 0)
-        busy += [r["seconds"] for r in served if r["message_type"] == "train"][1:]  # round 1 builds the model
-    work_s = statistics.mean(busy) if busy else float("nan")
+        trains.append([r["seconds"] for r in served if r["message_type"] == "train"])
+    slowest = [max((t[k] for t in trains if len(t) > k), default=float("nan")) for k in range(len(dep) - 1)]
+    outside = statistics.mean(r["seconds"] - w for r, w in zip(dep[1:], slowest))  # not the workers' training
+    cores = os.cpu_count() or 1
+    share = (f"{args.nodes} nodes x {threads} torch thread(s) = {args.nodes * threads} threads on {cores} cores"
+             + (" (oversubscribed: each worker's training slows down beyond its share)" if args.nodes * threads > cores else ""))
+    per_round = {k: v / args.rounds for k, v in cpu.items()}
+    cpu_text = ", ".join(f"{k} {v:.1f}" for k, v in per_round.items())
+    print(f"CPU seconds per round (rounds 1..{args.rounds}) by process: {cpu_text}")
     print(f"deployed {d:.2f} s/round, simulated {s:.2f} s/round, ratio {d / s:.2f} (goal <= 1.2); "
-          f"model builds per node {builds}; a node's worker spent {work_s:.2f} s per train message (rounds 2..); "
-          f"load average before {load[0]:.1f}")
+          f"model builds per node {builds}; slowest worker's train message per round {slowest}; "
+          f"outside training {outside:.2f} s/round; {share}; load average before {load[0]:.1f}")
     if args.no_write:
         return
     body = "\n".join([
@@ -122,11 +189,14 @@ def main() -> None:
                      [[a["round"], a["seconds"], b["seconds"]] for a, b in zip(dep[1:], sim[1:])]),
         "",
         f"Mean: deployed {d:.2f} s, simulated {s:.2f} s, **ratio {d / s:.2f}** (goal <= 1.2). Model builds per "
-        f"node over the run: {builds}. Each node's worker spent {work_s:.2f} s on a train message (rounds 2..{args.rounds}, "
-        "its own log); the rest of a deployed round is Flower's: the SuperNode's 3 s idle poll of the SuperLink, "
-        "a fresh `flwr-clientapp` process per message (Python and Flower's imports, the app bundle installed) "
-        "(the server polls for replies every 0.1 s: fedtune.server.nodes). That cost is fixed per round: it "
-        "dominates with a small model and a short local run, and shrinks in proportion as local training grows. "
+        f"node over the run: {builds}. The slowest node's worker spent {', '.join(f'{w:.1f}' for w in slowest)} s "
+        f"on its train message (round 1.., its own log: round 1 includes nothing but training, the model is built "
+        f"in round 0); the rest of a deployed round, **{outside:.2f} s** on average, is the server's evaluation "
+        "and Flower's per-message cost: the SuperNode's 3 s idle poll of the SuperLink and a fresh "
+        "`flwr-clientapp` process per message (~2 CPU-s of Python and Flower imports), and the processes' polls "
+        "(docs/deploying.md, \"One process per node\"). "
+        f"Threads: {share}; the simulation runs as many clients at once as client-cpus allows on the cores. "
+        f"CPU seconds per round by process (rounds 1..{args.rounds}, all on this machine): {cpu_text}. "
         f"Load average (1 min) at the start: {load[0]:.1f} on {os.cpu_count()} cores. Command: "
         f"`.venv/bin/python bench/deployed.py --preset {args.preset} --nodes {args.nodes} --rounds {args.rounds}"
         + "".join(f" --set {s}" for s in args.set) + (f" --section {args.section}`" if args.section != "deployed" else "`"),

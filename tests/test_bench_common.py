@@ -30,3 +30,19 @@ def test_fmt_ci_and_seed_overrides():
     assert common.fmt_ci([0.01, 0.03], 1, scale=100) == "2.0 ± 12.7"
     assert common.seed_overrides({"rounds": "4"}, 2) == {"rounds": "4", "seed": "2"}
     assert common.seed_overrides({"seed": "10"}, 1)["seed"] == "11"
+
+
+def test_results_are_read_back_only_for_the_same_settings(tmp_path):
+    done = common.Results("acc", {"rounds": "8", "eval-size": "800"}, folder=tmp_path)
+    assert done.get("natural/0/fedtune") is None
+    done.put("natural/0/fedtune", {"accuracy": [0.7, 0.72], "spr": 101.5})
+    again = common.Results("acc", {"eval-size": "800", "rounds": "8"}, folder=tmp_path)  # key order does not matter
+    assert again.get("natural/0/fedtune") == {"accuracy": [0.7, 0.72], "spr": 101.5}
+    other = common.Results("acc", {"rounds": "4", "eval-size": "800"}, folder=tmp_path)  # another benchmark's runs
+    assert other.get("natural/0/fedtune") is None
+    with (tmp_path / "acc.jsonl").open("a") as f:
+        f.write('{"key": "cut off mid-wr')  # a stop while writing loses only that line
+    after = common.Results("acc", {"rounds": "8", "eval-size": "800"}, folder=tmp_path)
+    assert after.get("natural/0/fedtune")
+    after.put("natural/1/fedtune", {"accuracy": [0.6], "spr": None})  # appended on a line of its own
+    assert common.Results("acc", {"rounds": "8", "eval-size": "800"}, folder=tmp_path).get("natural/1/fedtune")

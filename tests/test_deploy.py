@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,9 @@ def test_join_writes_a_node_config_flower_parses(tmp_path):
     opts = JoinOptions(superlink="10.0.0.5:9093", ca=creds.ca, key=creds.node_key(0), partition_id=4,
                        profile="cpu-edge", data="/data/my posts.csv", runtime_port=9200)
     parsed = parse_config_args([node_config(opts)])
-    assert parsed == {"partition-id": 4, "profile": "cpu-edge", "dataset": "/data/my posts.csv"}
+    assert parsed == {"partition-id": 4, "profile": "cpu-edge", "dataset": "/data/my posts.csv",
+                      "threads": len(os.sched_getaffinity(0))}  # a device trains on its cores by default
+    assert parse_config_args([node_config(replace(opts, threads=3))])["threads"] == 3
     cmd = command(opts)
     assert cmd[cmd.index("--superlink") + 1] == "10.0.0.5:9093" and "--insecure" not in cmd
     assert cmd[cmd.index("--root-certificates") + 1] == str(creds.ca.resolve())
@@ -132,6 +135,23 @@ def test_node_config_declares_profile_and_data(quick_cfg):
     assert (own.data.dataset, own.partition.num_clients, client) == ("/data/mine.csv", 1, 0)  # all of its own file
     assert own.model == quick_cfg.model and own.train == quick_cfg.train
     assert local_data(quick_cfg, 2, ctx(**{"partition-id": 2})) == (quick_cfg, 2)  # the run's partition
+
+
+def test_a_node_trains_with_the_threads_it_states_not_the_simulation_share(quick_cfg):
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.node import node_threads
+    from fedtune.deploy.join import JoinOptions, check
+
+    def ctx(**node):
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    cfg = quick_cfg.replace(**{"client-cpus": 1})
+    assert node_threads(cfg, ctx(threads=6)).federation.client_cpus == 6  # fedtune join --threads 6
+    assert node_threads(cfg, ctx()) is cfg  # a SuperNode started by hand keeps the run's client-cpus
+    assert node_threads(cfg, ctx(threads=6)).model == cfg.model  # nothing else changes
+    with pytest.raises(DeployError, match="bad --threads -2"):
+        check(JoinOptions(superlink="127.0.0.1:9093", ca=Path("x"), key=Path("y"), partition_id=0, threads=-2))
 
 
 # -- the real thing: SuperLink + 3 SuperNodes on loopback --------------------------------------
@@ -188,7 +208,7 @@ def test_superlink_three_supernodes_tls_auth_and_a_killed_node(tmp_path, secagg_
 
     def join(i: int) -> subprocess.Popen:
         return start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key",
-                                  str(creds.node_key(i)), "--partition-id", str(i % 3),
+                                  str(creds.node_key(i)), "--partition-id", str(i % 3), "--threads", "1",
                                   "--state-dir", str(tmp_path / f"home{i}")])
 
     try:
@@ -282,7 +302,7 @@ class SecAggDeployment:
         _wait(lambda: "waits for 3 SuperNodes" in serve_log.read_text(), 180, "the SuperLink", [("serve", server)])
         for i in range(3):
             self._start(f"node{i}", ["join", "--superlink", address, "--ca", str(creds.ca), "--key",
-                                     str(creds.node_key(i)), "--partition-id", str(i),
+                                     str(creds.node_key(i)), "--partition-id", str(i), "--threads", "1",
                                      "--state-dir", str(self.root / f"home{i}")])
 
     def wait(self) -> None:

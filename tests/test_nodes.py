@@ -32,8 +32,17 @@ def test_polls_at_the_short_interval_until_every_reply(monkeypatch):
     grid = SlowGrid([1, 3, 3])
     replies = OrderedGrid(grid, {}).send_and_receive(["a", "b", "c"], timeout=60)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
-    assert grid.pulls == 3 and sleeps == [nodes.PULL_INTERVAL] * 2  # no sleep after the last reply
+    assert grid.pulls == 3 and sleeps == [0.1, 0.2]  # a reply on pull 1, none on 2; no sleep after the last
     assert nodes.PULL_INTERVAL < 3.0  # Flower's HTTP grid waits 3 s between pulls
+
+
+def test_the_wait_doubles_while_no_reply_comes_and_starts_over_at_one(monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(nodes.time, "sleep", sleeps.append)
+    grid = SlowGrid([9, 10, 13])
+    OrderedGrid(grid, {}).send_and_receive(["a", "b", "c"], timeout=None)
+    assert sleeps == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.2, 0.4]
+    assert max(sleeps) == nodes.PULL_MAX  # a reply is seen at most PULL_MAX after it arrives
 
 
 def test_timeout_returns_what_arrived(monkeypatch):

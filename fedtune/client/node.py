@@ -6,6 +6,9 @@ how it changes the run config this node runs with.
   in place of detection from the hardware; other runs assign profiles by client id;
 - ``device``: where this node trains (``fedtune join --device``), in place of the run's
   ``device`` and its profile's;
+- ``threads``: torch threads this node trains with (``fedtune join --threads``, default the
+  machine's cores), in place of the run's ``client-cpus`` and its profile's ``num-cpus``
+  (those size simulated clients sharing one machine);
 - ``dataset``: on this node only, in place of the run's ``dataset``: a bundled dataset
   name (the node takes its partition of it) or a local CSV/TSV path (the node's own data:
   all of it, split into train/validation by ``val-fraction``). Same columns and label set
@@ -26,6 +29,7 @@ from fedtune.profiles import AUTO, Profile, apply, assign, lookup
 PROFILE = "profile"
 DATASET = "dataset"
 DEVICE = "device"
+THREADS = "threads"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ def resolve(msg: Message, context: Context) -> NodeRun:
     client id and profile (declared or assigned), the profile and the node's device applied."""
     run = RunConfig.from_json(str(msg.content[wire.CONFIG][wire.RUN_CONFIG]))
     profile = profile_of(run, context)
-    return NodeRun(node_device(apply(run, profile), context), int(context.node_config["partition-id"]), profile)
+    cfg = node_threads(node_device(apply(run, profile), context), context)
+    return NodeRun(cfg, int(context.node_config["partition-id"]), profile)
 
 
 def declared_profile(cfg: RunConfig, context: Context) -> Profile | None:
@@ -62,6 +67,12 @@ def node_device(cfg: RunConfig, context: Context) -> RunConfig:
     """``cfg`` with the device this node declares (``fedtune join --device``), if any."""
     device = str(context.node_config.get(DEVICE, "")).strip()
     return cfg.replace(device=device) if device and device != cfg.model.device else cfg
+
+
+def node_threads(cfg: RunConfig, context: Context) -> RunConfig:
+    """``cfg`` with the torch threads this node states (``fedtune join --threads``), if any."""
+    threads = int(context.node_config.get(THREADS, 0) or 0)
+    return cfg.replace(**{"client-cpus": threads}) if threads > 0 and threads != cfg.federation.client_cpus else cfg
 
 
 def local_data(cfg: RunConfig, client: int, context: Context) -> tuple[RunConfig, int]:

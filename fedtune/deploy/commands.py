@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="auto", help="device profile: auto (from the hardware) or a built-in name")
     p.add_argument("--data", default="", help="a bundled dataset name or a local .csv/.tsv (default: the run's)")
     p.add_argument("--device", default="", help="where this node trains: auto, cpu, cuda, cuda:N (default: the run's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for training (default: this machine's cores; several nodes on one "
+                        "machine: cores / nodes)")
     p.add_argument("--state-dir", help="this node's Flower home (default ~/.fedtune/node-ID)")
     p.add_argument("--runtime-port", type=int, default=0, help="local port of the SuperNode's app API (default: free)")
     p.set_defaults(func=cmd_join)
@@ -87,7 +90,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from fedtune.deploy.join import JoinOptions, join
 
     join(JoinOptions(superlink=args.superlink, ca=Path(args.ca), key=Path(args.key), partition_id=args.partition_id,
-                     profile=args.profile, data=args.data, device=args.device,
+                     profile=args.profile, data=args.data, device=args.device, threads=args.threads,
                      state_dir=Path(args.state_dir) if args.state_dir else None, runtime_port=args.runtime_port))
     return 0  # not reached: join() becomes the SuperNode
 

@@ -2,8 +2,10 @@
 
 What the node holds goes into Flower's node config, which the ClientApp reads
 (fedtune/client/node.py): ``partition-id`` (its client id in the run), ``profile`` (its
-device profile, used by runs with ``profiles=auto``) and ``dataset`` (a bundled dataset name
-or a CSV/TSV path on this machine, replacing the run's ``dataset`` on this node only).
+device profile, used by runs with ``profiles=auto``), ``dataset`` (a bundled dataset name
+or a CSV/TSV path on this machine, replacing the run's ``dataset`` on this node only) and
+``threads`` (torch threads: the machine's cores by default, not the run's ``client-cpus``,
+which sizes simulated clients).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ class JoinOptions:
     device: str = ""  # auto | cpu | cuda | cuda:N: where this node trains; "" = the run's (fedtune/device.py)
     state_dir: Path | None = None  # this node's Flower home (installed app bundles); default ~/.fedtune/node-<id>
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = a free one
+    threads: int = 0  # torch threads of this node's training; 0 = the cores this process may use
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; a container's CPU set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _quote(value: str) -> str:
@@ -39,7 +47,8 @@ def _quote(value: str) -> str:
 
 def node_config(opts: JoinOptions) -> str:
     """Flower's ``--node-config`` string: space-separated key=value, strings quoted."""
-    items = [f"partition-id={opts.partition_id}", f"profile={_quote(opts.profile)}"]
+    items = [f"partition-id={opts.partition_id}", f"profile={_quote(opts.profile)}",
+             f"threads={opts.threads or usable_cores()}"]
     if opts.data:
         items.append(f"dataset={_quote(opts.data)}")
     if opts.device:
@@ -50,10 +59,12 @@ def node_config(opts: JoinOptions) -> str:
 def check(opts: JoinOptions) -> None:
     """One-line errors for what would otherwise fail later, on the node or on the server."""
     P.parse_address(opts.superlink)
-    require_files(opts.ca, opts.key)
-    check_private_key(opts.key)
     if opts.partition_id < 0:
         raise DeployError(f"bad --partition-id {opts.partition_id}: must be >= 0")
+    if opts.threads < 0:
+        raise DeployError(f"bad --threads {opts.threads}: must be >= 1 (or 0 = this machine's {usable_cores()} cores)")
+    require_files(opts.ca, opts.key)
+    check_private_key(opts.key)
     if opts.profile != AUTO and opts.profile not in BUILTIN:
         raise DeployError(f"unknown profile {opts.profile!r}; valid: {AUTO}, {', '.join(BUILTIN)}")
     if opts.device:
@@ -98,7 +109,8 @@ def join(opts: JoinOptions) -> None:
     folder = service.prepare(home / "worker")
     service.spawn(folder, os.getpid(), follow_parent=True)  # this pid stays the SuperNode's after exec
     env = {service.ENV: str(folder), service.NODE_PID_ENV: str(os.getpid()),
-           # SuperExec asks the SuperNode for new tasks every second by default: a tenth of that
-           # is cheap on loopback and takes most of a second off every message
-           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")}
+           # SuperExec asks the SuperNode for new tasks every second by default: half of that
+           # takes ~0.25 s off each message; at 0.1 s the polls cost SuperExec and the SuperNode
+           # ~9 CPU-s per 2-minute round, taken from training (bench/deployed.py)
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")}
     os.execve(cmd[0], cmd, P.flower_env(home, env))

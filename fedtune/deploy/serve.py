@@ -3,8 +3,10 @@ with ``flwr run``, followed until it finishes.
 
 Layout under the run directory: the usual ``config.json``, ``metrics.jsonl``, ``adapter/``,
 ``summary.json`` (written by the ServerApp, a subprocess of the SuperLink), and
-``superlink/``: the generated app folder, the ``flwr`` CLI's home, the SuperLink's
-database and its log.
+``superlink/``: the generated app folder, the ``flwr`` CLI's home and the SuperLink's log.
+The SuperLink keeps its state in memory (Flower's default): a SQLite file cost it ~4 CPU-s
+per round, taken from the nodes when they share the machine; a resumed run starts a fresh
+SuperLink from fedtune's own checkpoint either way.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from fedtune.server.app import print_progress
 from fedtune.artifacts import SUMMARY, RunDir
 
 STATE_DIR = "superlink"
-POLL_S = 10.0  # seconds between run-status checks
+POLL_S = 10.0  # first wait between run-status checks (each is a `flwr ls` process: ~1.4 CPU-s)
+POLL_ROUND_S = 30.0  # the first wait after a round's end (the run is known to be alive)
+POLL_MAX_S = 60.0  # the wait doubles while no round ends, up to this
 FINISH_GRACE_S = 30.0
 
 
@@ -53,12 +57,10 @@ class SuperLink:
     def start(self) -> SuperLink:
         require_files(self.creds.ca, self.creds.server_cert, self.creds.server_key)
         write_connection(self.home, P.format_address(P.dial_host(self.host), self.port), self.creds.ca)
-        for stale in self.state.glob("link.db*"):  # a previous run's SuperLink state: this one starts fresh
-            stale.unlink()
         cmd = [P.executable("flower-superlink"), "--ssl-ca-certfile", str(self.creds.ca),
                "--ssl-certfile", str(self.creds.server_cert), "--ssl-keyfile", str(self.creds.server_key),
                "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-               "--host", self.host, "--port", str(self.port), "--database", str(self.state / "link.db")]
+               "--host", self.host, "--port", str(self.port)]  # state in memory
         P.require_free(self.host, self.port)
         self.proc = P.start(cmd, self.env, self.log)
         P.wait_listening(self.host, self.port, self.proc, self.log)
@@ -97,12 +99,17 @@ class SuperLink:
 
 def follow(link: SuperLink, run_id: int, run: RunDir) -> dict[str, Any]:
     """Print each round as metrics.jsonl grows; return the summary once the ServerApp has
-    written it (and Flower reports the run finished, or after a short grace)."""
-    shown, last_poll = 0, time.monotonic()
+    written it (and Flower reports the run finished, or after a short grace). A ServerApp that
+    fails shows up in Flower's run status: checked ``POLL_S`` after the start and
+    ``POLL_ROUND_S`` after a round's end, then at doubling waits up to ``POLL_MAX_S`` (a
+    failure is seen within a minute; a 2-minute round costs 2 checks, not 12)."""
+    shown, last_poll, wait = 0, time.monotonic(), POLL_S
     while True:
         rows = run.metrics()
         for row in rows[shown:]:
             print_progress(row)
+        if len(rows) > shown:
+            last_poll, wait = time.monotonic(), POLL_ROUND_S
         shown = len(rows)
         if link.proc is not None and link.proc.poll() is not None:
             raise DeployError(f"the SuperLink exited with code {link.proc.returncode}; see {link.log}")
@@ -111,8 +118,8 @@ def follow(link: SuperLink, run_id: int, run: RunDir) -> dict[str, Any]:
             while time.monotonic() < deadline and not link.status(run_id)[0].startswith("finished"):
                 time.sleep(1.0)
             return run.summary()
-        if time.monotonic() - last_poll > POLL_S:  # the flwr CLI is a process start: not too often
-            last_poll = time.monotonic()
+        if time.monotonic() - last_poll > wait:  # the flwr CLI is a process start: not too often
+            last_poll, wait = time.monotonic(), min(2 * wait, POLL_MAX_S)
             status, details = link.status(run_id)
             if status.startswith("finished") and not (run.path / SUMMARY).exists():
                 raise DeployError(f"run {run_id} ended as {status} ({details}) without a summary; its log: "

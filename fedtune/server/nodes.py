@@ -21,7 +21,8 @@ from fedtune.config import RunConfig
 from fedtune.profiles import DEFAULT, Profile, lookup
 
 WHOAMI = "query.whoami"
-PULL_INTERVAL = 0.1  # seconds between reply polls (Flower's HTTP grid waits 3 s: most of a short deployed round)
+PULL_INTERVAL = 0.1  # first wait between reply polls (Flower's HTTP grid waits 3 s: most of a short deployed round)
+PULL_MAX = 1.0  # the wait doubles while no reply comes, up to this: each poll costs the SuperLink CPU
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
@@ -71,16 +72,21 @@ class OrderedGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Flower's push-then-pull loop (``Grid.send_and_receive``) on the grid's own
-        ``push_messages`` / ``pull_messages``, polling every ``PULL_INTERVAL`` seconds."""
+        ``push_messages`` / ``pull_messages``: polls after ``PULL_INTERVAL`` seconds, doubling
+        the wait up to ``PULL_MAX`` while no reply comes and starting over at each reply. A
+        reply waits at most ``PULL_MAX`` to be seen; a 100 s round costs ~100 polls, not 1,000,
+        and on a machine that also trains (a test federation) the SuperLink's CPU goes to training."""
         pending = set(self._grid.push_messages(messages))
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
+        wait = PULL_INTERVAL
         while pending and (timeout is None or time.monotonic() < end):
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            wait = PULL_INTERVAL if got else min(2 * wait, PULL_MAX)
             if pending:
-                time.sleep(PULL_INTERVAL)
+                time.sleep(wait)
         return replies
 
     def __getattr__(self, name: str):
