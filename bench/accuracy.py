@@ -108,7 +108,8 @@ def main() -> None:
         "## Federated accuracy vs the centralized ceiling (`bench/accuracy.py`)",
         "",
         f"Model `{cfg.model.model}` + LoRA r={cfg.model.lora_rank} ({', '.join(cfg.model.target_modules)}), 20 Newsgroups, "
-        f"{tr.local_steps} local steps x batch {tr.batch_size} per round, max-length {cfg.data.max_length}, "
+        + (f"{tr.local_epochs:g} local epoch(s)" if tr.local_epochs > 0 else f"{tr.local_steps} local steps")
+        + f" x batch {tr.batch_size} per round, max-length {cfg.data.max_length}, "
         f"head-init={tr.head_init}; partitions: Dirichlet(alpha) over labels with "
         f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
         f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
@@ -118,6 +119,9 @@ def main() -> None:
         "round-equivalent.",
         "",
         common.table(header, rows),
+        "",
+        "s/round: the federated run's wall time per round as it ran (it depends on what else shared the cores; "
+        "time per round on quiet cores is measured in the overhead section).",
         "",
         "Federated minus centralized, in points (paired by seed):",
         "",
