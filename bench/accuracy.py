@@ -4,8 +4,9 @@ Runs, on the same data, model, adapter and budget, for each partition and seed:
   - fedtune's defaults (closed-form or FedNCM head init, separate head learning rate);
   - optionally (``--naive``) the same federation with naive settings (random head, one
     learning rate: what a plain Flower + peft FedAvg does);
-  - the centralized ceiling (`fedtune centralized`: pooled data, same optimizer steps, the same
-    head-init fitted on pooled examples).
+  - the centralized ceiling (`fedtune centralized`: the clients' training rows pooled, the same
+    optimizer steps, and the federation's own round-0 head: built from each client's head
+    sample, so round 0 is the same model and the gap measures fine-tuning alone).
 
 Every run goes to the largest of ``--rounds`` and is read at each of them (local training
 does not depend on the total number of rounds, so round 4 of an 8-round run is the 4-round
@@ -114,9 +115,9 @@ def main() -> None:
         f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
         f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
         f"{args.seeds} run seed(s) per cell, mean ± 95% Student-t interval. Centralized = the same adapter on the "
-        "pooled data with the same number of optimizer steps (equal passes) from the same head-init fitted on "
-        "pooled examples, evaluated at each "
-        "round-equivalent.",
+        "clients' training rows pooled, with the same number of optimizer steps (equal passes), from the "
+        "federation's own round-0 head (built from each client's head sample: round 0 is the same model), "
+        "evaluated at each round-equivalent.",
         "",
         common.table(header, rows),
         "",

@@ -2,13 +2,15 @@
 at three densities, and full-model FedAvg (bytes computed, not trained), same data and rounds.
 
 Every run is the default federation (all-MiniLM-L6-v2, 10 Dirichlet(0.5) clients, 6 local
-steps) with one change. Each run's directory is kept under runs/bench-communication/seed-S/, so
-``--runs`` can redo some and the table still covers all. With ``--seeds N`` every cell is the
+steps) with one change. Each run's directory is kept under runs/bench-communication/seed-S/: a
+rerun skips every run already finished there with the same configuration (so the full
+benchmark can be run a few runs at a time, and a stop loses only the run it was in); delete a
+run's directory to redo it. ``--runs`` picks which runs to do. With ``--seeds N`` every cell is the
 mean ± the 95% Student-t interval over run seeds 0..N-1. Writes the section
 "communication" of docs/benchmarks.md and docs/bench-communication.png.
 
-    .venv/bin/python bench/communication.py                                  # the full figures (4 rounds)
-    .venv/bin/python bench/communication.py --seeds 3 --eval-size 2000      # with confidence intervals
+    .venv/bin/python bench/communication.py --seeds 3 --eval-size 2000      # the full benchmark, with CIs
+    .venv/bin/python bench/communication.py                                  # one seed (4 rounds)
     .venv/bin/python bench/communication.py --set num-clients=5 --set max-length=32 --set head-init-examples=64 \
         --set rounds=2 --eval-size 300                                       # the reduced run in docs/benchmarks.md
     .venv/bin/python bench/communication.py --runs ""                        # rewrite the section from saved runs
@@ -62,7 +64,7 @@ def plot(points: dict[str, tuple[float, float]], full_bytes: float, lora_acc: fl
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="500")
-    ap.add_argument("--runs", default=",".join(RUNS), help="which runs to (re)do; the others are read back")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which runs to do (finished ones are read back)")
     ap.add_argument("--seeds", type=int, default=1, help="run seeds per run (mean ± 95%% CI)")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
     ap.add_argument("--set", action="append", default=[])
@@ -80,6 +82,9 @@ def main() -> None:
         for name in filter(None, args.runs.split(",")):  # --runs "": only read the runs back and write the section
             cfg = resolve("default", overrides={**base, **RUNS[name], "seed": str(seed)})
             print(f"== {name} (seed {seed})", flush=True)
+            if (where(name, seed) / "summary.json").exists() and RunDir(where(name, seed)).config() == cfg:
+                print("   finished before with this configuration: read back", flush=True)
+                continue
             simulate(cfg, where(name, seed))
     done = {n: [s for s in seeds if (where(n, s) / "summary.json").exists()] for n in RUNS}
     done = {n: s for n, s in done.items() if s}

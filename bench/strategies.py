@@ -5,8 +5,11 @@ client id: gpu-large r16, gpu-small r8, cpu-mid r4 on the deepest 4 layers, cpu-
 deepest 3), the same rounds and local work for every strategy, against homogeneous FedAvg at
 rank 16 and at rank 2 and the centralized ceiling (pooled data, same steps, rank 16).
 With ``--seeds N`` every cell is the mean ± the 95% Student-t interval over run seeds 0..N-1.
+Finished runs are kept in ``runs/bench/strategies.jsonl``: rerunning the same command after a
+stop trains only what is missing (so the full benchmark can be run a few runs at a time).
 Writes a table to docs/benchmarks.md (section "strategies") and docs/bench-strategies.png.
 
+    .venv/bin/python bench/strategies.py --seeds 3 --eval-size 2000                     # the full benchmark
     .venv/bin/python bench/strategies.py [--eval-size 500] [--seeds 3] [--strategies a,b] [--set key=value ...]
     .venv/bin/python bench/strategies.py --set model=tiny --set rounds=1 --set train-size=400   # plumbing check
 """
@@ -22,7 +25,10 @@ from fedtune.config import parse_set
 from fedtune.presets import resolve
 
 STRATEGIES = ["fedavg", "hetlora", "flexlora", "flora", "ffa", "fedsa", "fedex"]
-PROFILES = {"profiles": "gpu-large,gpu-small,cpu-mid,cpu-edge", "profile-defs": "cpu-mid lora-rank=4 layers=4"}
+# each rank's own model is evaluated at the last round only (the table reads it there): at 2,000
+# test examples that is 3 to 4 fewer evaluations of the slice per round
+PROFILES = {"profiles": "gpu-large,gpu-small,cpu-mid,cpu-edge", "profile-defs": "cpu-mid lora-rank=4 layers=4",
+            "profile-eval-every": "0"}
 PNG = common.DOC.parent / "bench-strategies.png"
 
 
@@ -38,7 +44,7 @@ def plot(curves: dict[str, list[float]], ceiling: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--eval-size", default="500")
+    ap.add_argument("--eval-size", default="2000")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--seeds", type=int, default=1, help="run seeds per run (mean ± 95%% CI)")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
@@ -56,16 +62,24 @@ def main() -> None:
     runs["homogeneous fedavg r2"] = {**base, "lora-rank": "2"}
     results: dict[str, list[tuple[list[dict], dict]]] = {}  # name -> per seed: (metrics, summary)
     ceilings = []
+    done = common.Results("strategies", base)  # finished runs survive a stop; a rerun picks up after them
     for i in range(args.seeds):
         for name, flat in runs.items():
             cfg = resolve("default", overrides=common.seed_overrides(flat, i))
-            out = tempfile.mkdtemp(prefix="fedtune-strat-")
             print(f"== {name} (seed {cfg.federation.seed})", flush=True)
-            summary = simulate(cfg, out)
-            results.setdefault(name, []).append((RunDir(out).metrics(), summary))
+            if (hit := done.get(f"{cfg.federation.seed}/{name}")) is None:
+                out = tempfile.mkdtemp(prefix="fedtune-strat-")
+                summary = simulate(cfg, out)
+                keep = ("best_accuracy", "bytes_up_total", "bytes_down_total", "seconds_per_round")
+                hit = done.put(f"{cfg.federation.seed}/{name}",
+                               {"metrics": RunDir(out).metrics(), "summary": {k: summary[k] for k in keep}})
+            results.setdefault(name, []).append((hit["metrics"], hit["summary"]))
         cfg = resolve("default", overrides=common.seed_overrides({**base, "lora-rank": "16"}, i))
         print(f"== centralized (seed {cfg.federation.seed})", flush=True)
-        ceilings.append(centralized(cfg, tempfile.mkdtemp(prefix="fedtune-strat-central-"))["final_accuracy"])
+        if (hit := done.get(f"{cfg.federation.seed}/centralized")) is None:
+            out = tempfile.mkdtemp(prefix="fedtune-strat-central-")
+            hit = done.put(f"{cfg.federation.seed}/centralized", {"final_accuracy": centralized(cfg, out)["final_accuracy"]})
+        ceilings.append(hit["final_accuracy"])
 
     ranks = [16, 8, 4, 2]
     rows = []
@@ -97,7 +111,7 @@ def main() -> None:
         f"{args.seeds} run seed(s), mean ± 95% Student-t interval; `worst - r0` = the lowest round after 0 minus "
         "round 0, in points (negative: a dip below the starting head). "
         "`rank r` = the model a client of that rank actually runs (its slice / truncation / own B group mean), "
-        "evaluated on the same slice; bytes = all rounds, head initialisation included. What each strategy sends: "
+        "evaluated on the same slice after the last round; bytes = all rounds, head initialisation included. What each strategy sends: "
         "[docs/strategies.md](strategies.md).",
         "",
         common.table(["run", "round 0", "final acc", "best acc", "worst - r0", *[f"rank {r}" for r in ranks],

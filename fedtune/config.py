@@ -160,6 +160,9 @@ class FederationConfig:
     client_gpus: float = 0.0
     profiles: str = ""  # device profiles of the clients (fedtune/profiles.py): names, name:share, or auto
     profile_defs: tuple[str, ...] = ()  # the run's own profiles: "NAME lora-rank=4 layers=2 ..."
+    # with several profiles, the model each one runs is evaluated on the test slice every N rounds
+    # and at the last round (accuracy_rank_R in metrics.jsonl); 0 = at the last round only
+    profile_eval_every: int = 1
     # where clients of a strategy with a personal part (fedsa's B) write client-<id>.safetensors
     # after each round, for ``fedtune export --client``; "" = nowhere (simulate: <run dir>/clients)
     client_state_dir: str = ""
@@ -197,6 +200,7 @@ class FederationConfig:
         _require(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _require(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _require(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, "must be >= 1")
+        _require(self.profile_eval_every >= 0, "profile-eval-every", self.profile_eval_every, "must be >= 0")
         _require(self.server_lr > 0, "server-lr", self.server_lr, "must be > 0")
         _require(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "must be in [0, 1)")
         _require(self.client_cpus >= 1, "client-cpus", self.client_cpus, "must be >= 1")

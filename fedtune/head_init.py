@@ -257,16 +257,11 @@ def client_head_stats(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: 
     return {k: v.float() for k, v in stats.items()}, n
 
 
-def pooled_head(model: nn.Module, enc: Encoded, cfg: TrainConfig, pad_id: int, num_clients: int, seed: int) -> int:
-    """The centralized counterpart of the federated head: ``head-init``'s statistics of a seeded
-    sample of the pooled examples (as many as the federation's clients send together:
-    ``head-init-examples`` x ``num_clients``), built into ``model``'s head. Returns the examples
-    used. The ceiling thus starts from the same kind of head as the federation (for ``ridge``
-    the same closed form, fitted on pooled rather than per-client samples)."""
-    n = min(len(enc), cfg.head_init_examples * num_clients)
-    pick = np.random.default_rng(seed).permutation(len(enc))[:n]
-    sub = Encoded(tuple(enc.ids[i] for i in pick), enc.labels[pick])
-    init = HEAD_INITS.get(cfg.head_init)
-    stats = init.stats(model, sub, head_module(model).out_features, cfg.eval_batch_size, pad_id)
-    set_head(model, *init.build([{k: v.float() for k, v in stats.items()}], cfg))
-    return n
+def clients_head(model: nn.Module, encs: Sequence[Encoded], cfg: TrainConfig, pad_id: int) -> int:
+    """Build ``head-init``'s head into ``model`` from what each client of ``encs`` (its training
+    rows, in its local order) answers the head_init query: the federation's round-0 head
+    without the wire (for ``ridge`` the exact closed form; ``clients_head`` and the server build
+    the same head). Returns the examples used."""
+    answers = [client_head_stats(model, enc, cfg, pad_id) for enc in encs]
+    set_head(model, *HEAD_INITS.get(cfg.head_init).build([stats for stats, _ in answers], cfg))
+    return sum(n for _, n in answers)

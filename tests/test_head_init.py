@@ -173,29 +173,34 @@ def test_clients_ridge_statistics_through_the_wire_give_the_pooled_head():
     assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
 
 
-def test_centralized_ceiling_starts_from_the_federations_ridge_head():
-    """pooled_head (the centralized run's round 0) on the clients' pooled rows is the head the
-    federation builds from the clients' statistics: the closed form is the same either way."""
+def test_centralized_ceiling_starts_from_the_federations_ridge_head(tmp_path):
+    """The centralized run's round 0 is the federation's round 0 under Dirichlet(0.1): both build
+    the ridge head from the clients' own head samples (here capped at 5 rows a client, so a pooled
+    sample would differ)."""
     from fedtune.client.worker import get_worker
-    from fedtune.head_init import HEAD_INITS, client_head_stats, head_features, head_module, pooled_head
-    from fedtune.training import Encoded
-
+    from fedtune.artifacts import RunDir
+    from fedtune.head_init import HEAD_INITS, client_head_stats, clients_head, head_module
     from fedtune.presets import resolve
+    from fedtune.simulations.centralized import centralized
+    from fedtune.simulations.sequential import sequential
 
-    cfg = resolve("tiny", overrides={"head-init": "ridge", "head-init-examples": "100000", "dirichlet-alpha": "0.1",
-                                      "max-length": "16"})
+    over = {"head-init": "ridge", "head-init-examples": "5", "dirichlet-alpha": "0.1", "max-length": "16",
+            "rounds": "1", "local-steps": "1"}
+    cfg = resolve("tiny", overrides=over)
     workers = [get_worker(cfg, c) for c in range(cfg.partition.num_clients)]
     fed_w, fed_b = HEAD_INITS.get("ridge").build(
         [client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)[0] for w in workers], cfg.train)
-    pooled = Encoded(tuple(i for w in workers for i in w.data.train.ids),
-                     np.concatenate([w.data.train.labels for w in workers]))
     model = workers[0].model
-    n = pooled_head(model, pooled, cfg.train, workers[0].pad_id, cfg.partition.num_clients, seed=3)
-    assert n == len(pooled)  # the cap (head-init-examples x clients) is above the pool here
+    n = clients_head(model, [w.data.train for w in workers], cfg.train, workers[0].pad_id)
+    assert n == 5 * len(workers)
     head = head_module(model)
-    x, _ = head_features(model, pooled, 64, workers[0].pad_id)
-    with torch.no_grad():
-        x = x.double()
-        ours, theirs = x @ head.weight.double().T + head.bias.double(), x @ fed_w.double().T + fed_b.double()
-    assert (ours.argmax(1) == theirs.argmax(1)).all()
-    assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
+    torch.testing.assert_close(head.weight.detach(), fed_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.bias.detach(), fed_b, rtol=0, atol=1e-6)
+
+    # end to end: the ceiling's round-0 accuracy and loss are the federation's
+    centralized(cfg, tmp_path / "c")
+    first = RunDir(tmp_path / "c").metrics()[0]
+    fed0 = sequential(cfg, progress=lambda *_: None)[0]
+    assert first["round"] == 0
+    assert first["accuracy"] == pytest.approx(fed0["accuracy"], abs=1e-9)
+    assert first["loss"] == pytest.approx(fed0["loss"], rel=1e-5)

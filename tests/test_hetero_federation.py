@@ -35,6 +35,7 @@ def runs(tmp_path_factory):
     from fedtune.simulations.simulate import backend_config, preflight
 
     cfgs = {n: resolve("tiny", overrides={**SMALL, "strategy": n}) for n in NAMES}
+    cfgs["fedsa"] = resolve("tiny", overrides={**SMALL, "strategy": "fedsa", "profile-eval-every": "0"})
     root = tmp_path_factory.mktemp("hetero")
     server_app = ServerApp()
 
@@ -65,8 +66,13 @@ def test_strategy_runs_with_mixed_ranks(runs, name: str) -> None:
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["clients"] == 2 and r["failures"] == []
-        for key in ("accuracy", "accuracy_rank_2", "accuracy_rank_8", "train_loss", "client_accuracy"):
+        ranks = ("accuracy_rank_2", "accuracy_rank_8") if name != "fedsa" or r["round"] == 2 else ()
+        for key in ("accuracy", *ranks, "train_loss", "client_accuracy"):
             assert math.isfinite(r[key]), (name, key)
+    if name == "fedsa":  # profile-eval-every=0: each rank's own model at the last round only
+        assert [r["round"] for r in rows if "accuracy_rank_2" in r] == [2]
+    else:
+        assert all("accuracy_rank_8" in r for r in rows[1:])  # round 0: the members' profiles are not known yet
         assert "lora-rank" not in r and r["bytes_up"] > 0 and r["bytes_down"] > 0
 
 

@@ -73,3 +73,18 @@ def test_user_csv(tmp_path):
         load_dataset(DataConfig(dataset=str(f), text_column="body"))
     with pytest.raises(DataError, match="not found"):
         load_dataset(DataConfig(dataset=str(tmp_path / "nope.csv")))
+
+def test_client_rows_split_the_partition_as_client_data_does():
+    """What the centralized ceiling trains on (every client's training rows) is what the clients
+    train on: client_rows and client_data agree, and train + val cover the partition exactly."""
+    from fedtune.data.partition import client_rows
+
+    part = PartitionConfig(num_clients=4, val_fraction=0.25)
+    pool = train_pool(DATA, 0)
+    for c, rows in enumerate(partition_indices(DATA, part, 0)):
+        train, val = client_rows(DATA, part, 0, c)
+        assert sorted(np.concatenate([train, val]).tolist()) == sorted(rows.tolist())
+        assert len(val) == round(0.25 * len(rows))
+        assert client_data(DATA, part, 0, c).train.texts == pool.subset(train).texts
+    with pytest.raises(ConfigError, match="bad client id 4"):
+        client_rows(DATA, part, 0, 4)

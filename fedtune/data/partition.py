@@ -94,12 +94,19 @@ class ClientData:
     label_names: tuple[str, ...]
 
 
-def client_data(data: DataConfig, part: PartitionConfig, seed: int, client: int) -> ClientData:
+def client_rows(data: DataConfig, part: PartitionConfig, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of ``train_pool`` that ``client`` holds, in its local
+    (seeded, shuffled) order: the validation share is the first ``val-fraction`` of them."""
     if not 0 <= client < part.num_clients:
         raise ConfigError(f"bad client id {client}: must be in [0, {part.num_clients})")
     rows = partition_indices(data, part, seed)[client]
     rows = np.random.default_rng([seed, client]).permutation(rows)
     n_val = int(round(len(rows) * part.val_fraction))
+    return rows[n_val:], rows[:n_val]
+
+
+def client_data(data: DataConfig, part: PartitionConfig, seed: int, client: int) -> ClientData:
+    train, val = client_rows(data, part, seed, client)
     pool = train_pool(data, seed)
     ds: TextDataset = load_dataset(data)
-    return ClientData(pool.subset(rows[n_val:]), pool.subset(rows[:n_val]), ds.label_names)
+    return ClientData(pool.subset(train), pool.subset(val), ds.label_names)

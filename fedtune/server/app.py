@@ -20,6 +20,7 @@ from fedtune.profiles import server_model
 from fedtune.server.head import head_builder, init_head
 from fedtune.server import checkpoint
 from fedtune.server.metered import Metered
+from fedtune.server.model_eval import evaluate_states, profiles_due
 from fedtune.server.nodes import OrderedGrid, discover
 from fedtune.server.screen import build_screens
 from fedtune.server.views import save_views
@@ -90,11 +91,14 @@ def run_federation(
         return rank_aware.model_states(arrays) if rank_aware else {"": wire.split_base(wire.from_record(arrays))}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        results = {}
-        for key, (base, state) in model_states(arrays).items():  # the global model last
+        def load(base: dict, state: dict) -> None:
             set_base(model, base)
             load_trainable_state(model, state)
-            results[key] = evaluator(model)
+
+        states = model_states(arrays)
+        if not profiles_due(server_round, cfg.federation.rounds, cfg.federation.profile_eval_every):
+            states = {"": states[""]}  # the global model only this round
+        results = evaluate_states(states, load, lambda: evaluator(model))  # the global model last
         res = results.pop("")
         evaluator.end_round(server_round, model)  # the global model is loaded last (causal-lm: generations)
         stats = strategy.rounds.get(server_round)

@@ -2,8 +2,11 @@
 
 Budget = the federation's optimizer steps (rounds x clients per round x local steps) at the
 same batch size, so both see the same number of examples ("equal passes"). Evaluated on the
-same test slice at the same points as the federation's rounds. The head starts where the
-federation's does: ``head-init`` (ridge / ncm) fitted on pooled examples (``pooled_head``).
+same test slice at the same points as the federation's rounds. The data is the federation's:
+the union of the clients' training rows (their local validation shares left out, as the
+federation never trains on them). The head starts where the federation's does: ``head-init``
+(ridge / ncm) built from each client's head sample (``clients_head``), so for ``ridge`` round 0
+is the federation's round 0 and the gap measures fine-tuning alone.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch
 
 from fedtune.config import RunConfig
 from fedtune.data import load_dataset
-from fedtune.data.partition import partition_indices, train_pool
-from fedtune.head_init import pooled_head
+from fedtune.data.partition import client_rows, partition_indices, train_pool
+from fedtune.head_init import clients_head
 from fedtune.modeling import build_model, load_tokenizer
 from fedtune.artifacts import RunDir
 from fedtune.tasks import task_of
@@ -46,12 +49,15 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     run = RunDir(out).create(cfg, {"mode": "centralized"})
     ds = load_dataset(cfg.data)
     tok = load_tokenizer(cfg.model.model)
-    enc = task_of(cfg).encode(tok, train_pool(cfg.data, cfg.federation.seed), cfg.data.max_length)
+    pool, seed, task = train_pool(cfg.data, cfg.federation.seed), cfg.federation.seed, task_of(cfg)
+    rows = [client_rows(cfg.data, cfg.partition, seed, c)[0] for c in range(cfg.partition.num_clients)]
+    enc = task.encode(tok, pool.subset(np.concatenate(rows)), cfg.data.max_length)  # every client's training rows
     model = build_model(cfg.model, ds.num_labels, seed=cfg.federation.seed)
-    evaluator = task_of(cfg).evaluator(cfg)
+    evaluator = task.evaluator(cfg)
     steps_per_round, _ = federated_budget(cfg)
-    if cfg.train.head_init != "random":  # the federation's round-0 head, fitted on pooled examples
-        pooled_head(model, enc, cfg.train, tok.pad_token_id or 0, cfg.partition.num_clients, cfg.federation.seed)
+    if cfg.train.head_init != "random":  # the federation's round-0 head, from the clients' own head samples
+        clients_head(model, [task.encode(tok, pool.subset(r), cfg.data.max_length) for r in rows], cfg.train,
+                     tok.pad_token_id or 0)
     # one optimizer for the whole run, evaluated at each round-equivalent
     torch.manual_seed(cfg.federation.seed)
     opt = make_optimizer(model, cfg.train)

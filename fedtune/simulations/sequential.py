@@ -17,7 +17,7 @@ from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
 from fedtune.modeling import load_trainable_state, shared_model, trainable_state
 from fedtune.strategies.aggregation import weighted_mean
-from fedtune.head_init import HEAD_INITS, client_head_stats, set_head
+from fedtune.head_init import clients_head
 from fedtune.training import client_seed, train_local
 
 
@@ -44,11 +44,8 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()
     evaluator = TestEvaluator(cfg)
     if cfg.train.head_init != "random":  # ncm | ridge, as the clients' head_init query answers
-        parts = []
-        for c in range(n):
-            w = get_worker(cfg, c)
-            parts.append(client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)[0])
-        set_head(model, *HEAD_INITS.get(cfg.train.head_init).build(parts, cfg.train))
+        workers = [get_worker(cfg, c) for c in range(n)]
+        clients_head(model, [w.data.train for w in workers], cfg.train, workers[0].pad_id)
     state = trainable_state(model)
     rows = [{"round": 0, **evaluator(model), "seconds": 0.0}]
     rng = np.random.default_rng(cfg.federation.seed)
