@@ -110,26 +110,76 @@ class Recorder:
         monkeypatch.setattr(cls, "aggregate_train", spy)
 
 
-def _strategy_class(name):
-    from fedtune.strategies.fedavg import FedAvg
-    from fedtune.strategies import RANK_AWARE
+# The runs on fedtune's own client app share one Flower simulation (one Ray start for seven runs):
+# a server main runs them one after the other on the same 3 SuperNodes, as test_hetero_federation does.
+SHARED = {
+    "fedavg/plain": {"strategy": "fedavg"},
+    "fedavg/secure": {"strategy": "fedavg", "secure-aggregation": "secagg+"},
+    "ffa/plain": {"strategy": "ffa"},
+    "ffa/secure": {"strategy": "ffa", "secure-aggregation": "secagg+"},
+    "dp": {"secure-aggregation": "secagg+", "dp": "client-fixed", "dp-clipping": "client", "noise-multiplier": 0.7,
+           "clip-norm": 0.5},
+    "sparse/plain": {"adapter": "sparse", "sparse-selection": "random"},
+    "sparse/secure": {"adapter": "sparse", "sparse-selection": "random", "secure-aggregation": "secagg+"},
+}
 
-    return FedAvg if name == "fedavg" else RANK_AWARE[name]
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """{name: (cfg, metrics rows, final global arrays, {round: the replies' arrays the strategy saw})}."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedtune.client.app import app as client_app
+    from fedtune.data import train_sizes
+    from fedtune.presets import resolve
+    from fedtune.server.app import run_federation
+    from fedtune.server.run_dir import RunDir
+    from fedtune.simulations.simulate import backend_config, preflight
+    from fedtune.strategies import RANK_AWARE
+    from fedtune.strategies.fedavg import FedAvg
+    from fedtune.strategies.sparse.strategy import SparseFedAvg
+
+    cfgs = {name: resolve("tiny", overrides={**SMALL, **over}) for name, over in SHARED.items()}
+    for cfg in cfgs.values():
+        preflight(cfg)
+    root, seen, out = tmp_path_factory.mktemp("secagg"), {}, {}
+    patch = pytest.MonkeyPatch()
+    recorders = [Recorder(patch, cls) for cls in (RANK_AWARE["ffa"], SparseFedAvg, FedAvg)]  # subclasses first
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, cfg in cfgs.items():
+            caps = train_sizes(cfg.data, cfg.partition, cfg.federation.seed)
+            run_federation(grid, cfg, RunDir(root / name).create(cfg), progress=lambda row: None, weight_caps=caps)
+            seen[name] = {r: v for rec in recorders for r, v in rec.seen.items()}
+            for rec in recorders:
+                rec.seen = {}
+
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=SMALL["num-clients"],
+                       backend_config=backend_config(cfgs["fedavg/plain"]), verbose_logging=False)
+    finally:
+        patch.undo()
+    for name, cfg in cfgs.items():
+        final = root / name / "checkpoint" / f"round-{cfg.federation.rounds:04d}" / "global.safetensors"
+        out[name] = (cfg, RunDir(root / name).metrics(), load_file(str(final)), seen.get(name, {}))
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
-def test_secure_aggregate_is_the_weighted_mean_and_the_strategy_sees_no_individual_update(
-        tmp_path, monkeypatch, strategy):
+def test_secure_aggregate_is_the_weighted_mean_and_the_strategy_sees_no_individual_update(shared, strategy):
     from fedtune.data import train_sizes
 
-    rec = Recorder(monkeypatch, _strategy_class(strategy))
-    cfg, plain_rows, plain = _run(tmp_path, "plain", {"strategy": strategy})
-    individual = rec.seen.pop(1)  # the plain run's replies: each client's own adapter
-    _, rows, secure = _run(tmp_path, "secure", {"strategy": strategy, "secure-aggregation": "secagg+"})
+    cfg, plain_rows, plain, plain_seen = shared[f"{strategy}/plain"]
+    individual = plain_seen[1]  # the plain run's replies: each client's own adapter
+    _, rows, secure, secure_seen = shared[f"{strategy}/secure"]
     assert rows[1]["aggregated"] and rows[1]["clients"] == 3 and rows[1]["bytes_up"] > 0
     # the strategy code received 3 replies, all holding the same (secure) average, none a client's own
-    received = rec.seen[1]
+    received = secure_seen[1]
     assert len(received) == 3 and len(individual) == 3
     for r in received:
         assert all(torch.equal(r[k], received[0][k]) for k in r)
@@ -167,13 +217,12 @@ def test_a_client_killed_mid_protocol_is_tolerated_down_to_the_threshold(tmp_pat
 
 
 @pytest.mark.slow
-def test_client_level_dp_noises_the_secure_sum(tmp_path):
+def test_client_level_dp_noises_the_secure_sum(shared):
     """dp=client-fixed with dp-clipping=client: the clients clip before masking, Flower's wrapper noises the
     secure average, and the accountant counts the round (q = 1, z = 0.7)."""
     from opacus.accountants import RDPAccountant
 
-    _, rows, _ = _run(tmp_path, "dp", {"secure-aggregation": "secagg+", "dp": "client-fixed", "dp-clipping": "client",
-                                       "noise-multiplier": 0.7, "clip-norm": 0.5})
+    _, rows, _, _ = shared["dp"]
     ref = RDPAccountant()
     ref.history = [(0.7, 1.0, 1)]
     assert rows[1]["aggregated"] and rows[1]["released"] == 1 and rows[1]["clients"] == 3
@@ -224,23 +273,20 @@ def test_the_client_bounds_its_weight_and_sends_no_array_before_masking():
 
 
 @pytest.mark.slow
-def test_sparse_adapters_get_the_mask_aware_mean_through_the_secure_sum(tmp_path, monkeypatch):
+def test_sparse_adapters_get_the_mask_aware_mean_through_the_secure_sum(shared):
     """adapter=sparse: each client sends its masked delta and its 0/1 mask as dense tensors; the secure
     averages D = sum w m d / sum w and M = sum w m / sum w give the mask-aware mean sent + D / M. Against
     the plain run's mask-aware mean: the same trained entries (sparse_union), values within the
     quantization bound divided by the smallest M (one client's weight share), and no individual update
     reaches the strategy."""
     from fedtune.data import train_sizes
-    from fedtune.strategies.sparse.strategy import SparseFedAvg
 
-    rec = Recorder(monkeypatch, SparseFedAvg)
-    sparse = {"adapter": "sparse", "sparse-selection": "random"}
-    cfg, plain_rows, plain = _run(tmp_path, "plain", sparse)
-    individual = rec.seen.pop(1)
-    _, rows, secure = _run(tmp_path, "secure", {**sparse, "secure-aggregation": "secagg+"})
+    cfg, plain_rows, plain, plain_seen = shared["sparse/plain"]
+    individual = plain_seen[1]
+    _, rows, secure, secure_seen = shared["sparse/secure"]
     assert rows[1]["aggregated"] and rows[1]["clients"] == 3
     assert rows[1]["sparse_union"] == plain_rows[1]["sparse_union"] > 0
-    received = rec.seen[1]
+    received = secure_seen[1]
     assert len(received) == 3 and all(all(torch.equal(r[k], received[0][k]) for k in r) for r in received)
     assert all(any(not torch.allclose(r[k], own[k], atol=1e-4) for k in r) for r in received for own in individual)
     weights = list(train_sizes(cfg.data, cfg.partition, cfg.federation.seed))
