@@ -14,6 +14,8 @@ run). Finished runs are kept in ``runs/bench/accuracy.jsonl``: rerunning the sam
 stop trains only what is missing. With ``--seeds N`` each cell is the mean ± the 95% Student-t interval over run seeds
 0..N-1 (the seed draws the partition, the adapter's init and the client sampling; the test
 slice is fixed).
+On a machine with a CUDA device the clients train on
+it (``client-gpus`` 0.25 unless ``--set`` says otherwise; common.on_accelerator).
 
     .venv/bin/python bench/accuracy.py --seeds 3 --rounds 4,8 --eval-size 2000       # the full benchmark
     .venv/bin/python bench/accuracy.py --partitions dirichlet-0.5 --rounds 4          # one partition, one seed
@@ -61,7 +63,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     report = sorted({int(r) for r in args.rounds.split(",")})
-    base = {"eval-size": args.eval_size, **parse_set(args.set), "rounds": str(report[-1])}
+    base = common.on_accelerator({"eval-size": args.eval_size, **parse_set(args.set), "rounds": str(report[-1])})
 
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.centralized import centralized

@@ -91,6 +91,18 @@ def seed_overrides(base: dict, i: int) -> dict:
     return {**base, "seed": str(int(base.get("seed", 0)) + i)}
 
 
+def on_accelerator(base: dict, share: str = "0.25") -> dict:
+    """``base`` plus ``client-gpus`` = ``share`` (1/share virtual clients train at once on the GPU)
+    where this machine has a CUDA device and ``base`` does not set it: a benchmark then runs its
+    clients on the GPU path, and the server evaluates there (``server-device=auto``). On a CPU
+    machine ``base`` is returned unchanged, so its stored results still match."""
+    import torch
+
+    if "client-gpus" in base or not torch.cuda.is_available():
+        return base
+    return {**base, "client-gpus": share}
+
+
 class Results:
     """Finished runs of a benchmark, one JSON line each in ``runs/bench/NAME.jsonl``: a rerun
     with the same settings reads them back instead of training again, so a benchmark that

@@ -5,8 +5,9 @@ Every run is the default federation (all-MiniLM-L6-v2, 10 Dirichlet(0.5) clients
 steps) with one change. Each run's directory is kept under runs/bench-communication/seed-S/: a
 rerun skips every run already finished there with the same configuration (so the full
 benchmark can be run a few runs at a time, and a stop loses only the run it was in); delete a
-run's directory to redo it. ``--runs`` picks which runs to do. With ``--seeds N`` every cell is the
-mean ± the 95% Student-t interval over run seeds 0..N-1. Writes the section
+run's directory to redo it. On a machine with a CUDA device the clients train on it
+(``client-gpus`` 0.25 unless ``--set`` says otherwise). ``--runs`` picks which runs to do. With
+``--seeds N`` every cell is the mean ± the 95% Student-t interval over run seeds 0..N-1. Writes the section
 "communication" of docs/benchmarks.md and docs/bench-communication.png.
 
     .venv/bin/python bench/communication.py --seeds 3 --eval-size 2000      # the full benchmark, with CIs
@@ -69,7 +70,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    base = {"eval-size": args.eval_size, **parse_set(args.set)}
+    base = common.on_accelerator({"eval-size": args.eval_size, **parse_set(args.set)})
     seeds = [int(common.seed_overrides(base, i)["seed"]) for i in range(args.seeds)]
 
     from fedtune.data import load_dataset

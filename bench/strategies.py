@@ -7,6 +7,8 @@ rank 16 and at rank 2 and the centralized ceiling (pooled data, same steps, rank
 With ``--seeds N`` every cell is the mean ± the 95% Student-t interval over run seeds 0..N-1.
 Finished runs are kept in ``runs/bench/strategies.jsonl``: rerunning the same command after a
 stop trains only what is missing (so the full benchmark can be run a few runs at a time).
+On a machine with a CUDA device the clients train on
+it (``client-gpus`` 0.25 unless ``--set`` says otherwise; common.on_accelerator).
 Writes a table to docs/benchmarks.md (section "strategies") and docs/bench-strategies.png.
 
     .venv/bin/python bench/strategies.py --seeds 3 --eval-size 2000                     # the full benchmark
@@ -50,8 +52,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    base = {"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5", "eval-size": args.eval_size,
-            **parse_set(args.set)}
+    base = common.on_accelerator({"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5",
+                                  "eval-size": args.eval_size, **parse_set(args.set)})
 
     from fedtune.server.run_dir import RunDir
     from fedtune.simulations.centralized import centralized

@@ -46,3 +46,14 @@ def test_results_are_read_back_only_for_the_same_settings(tmp_path):
     assert after.get("natural/0/fedtune")
     after.put("natural/1/fedtune", {"accuracy": [0.6], "spr": None})  # appended on a line of its own
     assert common.Results("acc", {"rounds": "8", "eval-size": "800"}, folder=tmp_path).get("natural/1/fedtune")
+
+
+def test_benchmarks_take_the_gpu_path_only_where_there_is_one(monkeypatch):
+    import torch
+
+    base = {"eval-size": "2000"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.on_accelerator(base) is base  # CPU: the stored results' settings are unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.on_accelerator(base) == {"eval-size": "2000", "client-gpus": "0.25"}
+    assert common.on_accelerator({"client-gpus": "0.5"}) == {"client-gpus": "0.5"}  # the user's share wins
