@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--partitions", default=",".join(PARTITIONS))
     ap.add_argument("--naive", action="store_true", help="also run naive FedAvg (random head, one lr)")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
+    ap.add_argument("--stored", action="store_true",
+                    help="train nothing: report the runs finished so far (each cell over its finished seeds)")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     report = sorted({int(r) for r in args.rounds.split(",")})
@@ -71,7 +73,7 @@ def main() -> None:
 
     naive = ["naive FedAvg (random head, one lr)"] if args.naive else []
     kinds = ["fedtune defaults", *naive, "centralized, same steps"]
-    curves: dict[tuple[str, str], list[list[float]]] = {}  # (partition, kind) -> per seed: accuracy per round
+    curves: dict[tuple[str, str], dict[int, list[float]]] = {}  # (partition, kind) -> {seed: accuracy per round}
     spr: dict[tuple[str, str], list[float]] = {}
     cfg = None
     done = common.Results("accuracy", base)  # finished runs survive a stop; a rerun picks up after them
@@ -81,8 +83,10 @@ def main() -> None:
             for kind in kinds:
                 cfg = resolve("default", overrides={**flat, **(NAIVE if kind.startswith("naive") else {})})
                 key = f"{part}/{cfg.federation.seed}/{kind}"
+                if (hit := done.get(key)) is None and args.stored:
+                    continue
                 print(f"== {part} seed {cfg.federation.seed}: {kind}", flush=True)
-                if (hit := done.get(key)) is None:
+                if hit is None:
                     central = kind.startswith("centralized")
                     out = tempfile.mkdtemp(prefix="fedtune-central-" if central else "fedtune-acc-")
                     if central:
@@ -91,21 +95,23 @@ def main() -> None:
                     else:
                         spr_run = simulate(cfg, out)["seconds_per_round"]
                     hit = done.put(key, {"accuracy": [r["accuracy"] for r in RunDir(out).metrics()], "spr": spr_run})
-                curves.setdefault((part, kind), []).append(hit["accuracy"])
+                curves.setdefault((part, kind), {})[cfg.federation.seed] = hit["accuracy"]
                 if hit["spr"] is not None:
                     spr.setdefault((part, kind), []).append(hit["spr"])
     assert cfg is not None
 
-    header = ["partition", "run", "round 0", *[f"round {r}" for r in report], "s/round"]
+    header = ["partition", "run", "seeds", "round 0", *[f"round {r}" for r in report], "s/round"]
     rows, gaps = [], []
     for (part, kind), runs in curves.items():
-        cells = [common.fmt_ci([acc[r] for acc in runs]) for r in (0, *report)]
-        rows.append([part, kind, *cells, f"{sum(spr[(part, kind)]) / len(runs):.1f}" if (part, kind) in spr else "-"])
+        cells = [common.fmt_ci([acc[r] for acc in runs.values()]) for r in (0, *report)]
+        spr_cell = f"{sum(spr[(part, kind)]) / len(spr[(part, kind)]):.1f}" if (part, kind) in spr else "-"
+        rows.append([part, kind, len(runs), *cells, spr_cell])
     for part in args.partitions.split(","):
-        fed, cen = curves[(part, "fedtune defaults")], curves[(part, "centralized, same steps")]
-        for r in report:  # paired by seed: same partition, same data order
-            diffs = [f[r] - c[r] for f, c in zip(fed, cen)]
-            gaps.append([part, r, common.fmt_ci(diffs, 1, scale=100)])
+        fed, cen = curves.get((part, "fedtune defaults"), {}), curves.get((part, "centralized, same steps"), {})
+        paired = sorted(set(fed) & set(cen))  # same seed: same partition, same data order
+        for r in report:
+            if paired:
+                gaps.append([part, r, len(paired), common.fmt_ci([fed[s][r] - cen[s][r] for s in paired], 1, scale=100)])
     tr = cfg.train
     body = "\n".join([
         "## Federated accuracy vs the centralized ceiling (`bench/accuracy.py`)",
@@ -116,7 +122,7 @@ def main() -> None:
         f"head-init={tr.head_init}; partitions: Dirichlet(alpha) over labels with "
         f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
         f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
-        f"{args.seeds} run seed(s) per cell, mean ± 95% Student-t interval. Centralized = the same adapter on the "
+        f"up to {args.seeds} run seed(s) per cell (column seeds), mean ± 95% Student-t interval. Centralized = the same adapter on the "
         "clients' training rows pooled, with the same number of optimizer steps (equal passes), from the "
         "federation's own round-0 head (built from each client's head sample: round 0 is the same model), "
         "evaluated at each round-equivalent.",
@@ -128,11 +134,13 @@ def main() -> None:
         "",
         "Federated minus centralized, in points (paired by seed):",
         "",
-        common.table(["partition", "rounds", "fed - central (points)"], gaps),
+        common.table(["partition", "rounds", "seeds", "fed - central (points)"], gaps),
         "",
         f"Command: `.venv/bin/python bench/accuracy.py --seeds {args.seeds} --rounds {args.rounds} "
         f"--partitions {args.partitions} --eval-size {args.eval_size}"
-        + "".join(f" --set {s}" for s in args.set) + (" --naive" if args.naive else "") + "`",
+        + "".join(f" --set {s}" for s in args.set) + (" --naive" if args.naive else "") + "`"
+        + (" (this table: the same command with `--stored`, from the runs finished so far; the command without it "
+           "trains the missing ones and resumes after a stop)" if args.stored else ""),
     ])
     if not args.no_write:
         common.write_section("accuracy", body)
