@@ -27,7 +27,7 @@ def run(recipes: list[str], base: dict[str, str], progress=print) -> list[dict]:
     from fedtune.client.worker import get_worker
     from fedtune.data import load_dataset
     from fedtune.evaluation import TestEvaluator
-    from fedtune.head_init import HEAD_INITS, client_head_stats, set_head
+    from fedtune.head_init import clients_head
     from fedtune.modeling import load_trainable_state, shared_model, trainable_state
     from fedtune.presets import resolve
     from fedtune.simulations.sequential import fedavg_round
@@ -48,10 +48,9 @@ def run(recipes: list[str], base: dict[str, str], progress=print) -> list[dict]:
                cfg.train.head_ridge_scale)
         if key not in heads:
             if cfg.train.head_init != "random":
-                parts = [client_head_stats(w.model, w.data.train, cfg.train, w.pad_id)[0]
-                         for w in (get_worker(cfg, c) for c in range(n))]
+                workers = [get_worker(cfg, c) for c in range(n)]
                 model = shared_model(cfg.model, load_dataset(cfg.data).num_labels, cfg.federation.seed).reset()
-                set_head(model, *HEAD_INITS.get(cfg.train.head_init).build(parts, cfg.train))
+                clients_head(model, [w.data.train for w in workers], cfg.train, workers[0].pad_id)
             heads[key] = (trainable_state(model), ev(model))
         state, first = heads[key]
         load_trainable_state(model, state)
@@ -77,6 +76,7 @@ def main() -> None:
     ap.add_argument("recipes", nargs="+", help="comma-separated KEY=VALUE overrides per recipe ('' = defaults)")
     ap.add_argument("--base", default="num-clients=4,rounds=2,train-size=800,eval-size=300,client-cpus=1")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default="first-rounds", help="the docs/benchmarks.md section it writes")
     args = ap.parse_args()
     base = dict(kv.split("=", 1) for kv in args.base.split(",") if kv)
     results = run(args.recipes, base, lambda s: print(s, flush=True))
@@ -84,7 +84,8 @@ def main() -> None:
     rows = [[r["recipe"], *[f"{a:.3f} ({lo:.2f})" for a, lo in zip(r["accuracy"], r["loss"])],
              f"{100 * (min(r['accuracy'][1:]) - r['accuracy'][0]):+.1f}"] for r in results]
     body = "\n".join([
-        "## The first rounds after the initial head (`bench/first_rounds.py`)",
+        "## The first rounds after the initial head (`bench/first_rounds.py`"
+        + ("" if args.section == "first-rounds" else f", {args.section}") + ")",
         "",
         f"Default preset with `{args.base}`; the in-process plain loop (same clients, local training, FedAvg and "
         "evaluation as the simulation). Cells: test accuracy (loss).",
@@ -95,10 +96,11 @@ def main() -> None:
         "`head-logit-scale` 16): `head-init=ncm` is FedNCM at the new logit scale 16; the first row is the old default.",
         "",
         "Command: `.venv/bin/python bench/first_rounds.py --base " + args.base + " "
-        + " ".join(f'"{r}"' for r in args.recipes) + "`",
+        + " ".join(f'"{r}"' for r in args.recipes)
+        + ("" if args.section == "first-rounds" else f" --section {args.section}") + "`",
     ])
     if not args.no_write:
-        common.write_section("first-rounds", body)
+        common.write_section(args.section, body)
     print(body)
 
 
