@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
-
-__version__ = "0.1.0"
+from fedtune.version import __version__
 
 __all__ = ["ConfigError", "EdgeClassifier", "EdgeGenerator", "Run", "__version__", "centralized", "export",
            "load_run", "simulate"]

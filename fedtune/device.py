@@ -85,8 +85,12 @@ def placement_of(model: nn.Module) -> Placement:
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """One collated batch on the model's device: the one place batches move."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """One collated batch on the model's device: the one place batches move. To a GPU through
+    pinned memory, so the copy is truly asynchronous: from pageable memory CUDA syncs the stream
+    first, and the host could not queue the next step's kernels while the GPU runs this one."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def cap_memory(share: float, device: torch.device) -> None:

@@ -87,6 +87,32 @@ def test_report_has_sizes_and_latencies(tiny_export):
     assert report["ratios"]["fp32_vs_torch_p50_batch_1"] > 0
 
 
+def test_report_versions_from_a_source_tree(tmp_path, monkeypatch):
+    """Run as ``python -m fedtune`` from a checkout (the GPU machine does): fedtune has no
+    installed metadata, and the report names its source version instead of failing the export."""
+    import importlib.metadata as md
+
+    import fedtune
+    from fedtune import version as fedtune_version
+    from fedtune.edge_export.report import metadata
+
+    real = md.version
+
+    def version(package: str) -> str:
+        if package in ("fedtune", "onnxruntime"):
+            raise md.PackageNotFoundError(package)
+        return real(package)
+
+    monkeypatch.setattr(fedtune_version, "version", version)
+    got = metadata(tmp_path, resolve("tiny"), ["a", "b"], 18)["versions"]
+    assert got["fedtune"] == fedtune.__version__ and got["onnxruntime"] == "not installed"
+    assert got["torch"] == real("torch")
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == fedtune.__version__
+
+
 def test_export_folder_is_self_contained_and_clean(tiny_export):
     out, _ = tiny_export
     names = {p.name for p in out.iterdir()}

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     # 1 kernel: errors, registry, wire keys, the torch-free catalog of names and capabilities
     # and leaf utilities that import nothing of fedtune but errors
     "fedtune.errors": 1, "fedtune.registry": 1, "fedtune.wire_keys": 1, "fedtune.catalog": 1,
-    "fedtune.deploy.errors": 1, "fedtune.edge_export.errors": 1, "fedtune.wheels": 1, "fedtune.deploy.processes": 1,
+    "fedtune.deploy.errors": 1, "fedtune.edge_export.errors": 1, "fedtune.wheels": 1, "fedtune.version": 1, "fedtune.deploy.processes": 1,
     "fedtune.flat_keys": 1,  # the one parser of flat key values (config and profiles)
     # 2 config: schema and per-field checks (config, profile specs, presets) and compat, the cross-section rules
     "fedtune.compat": 2, "fedtune.config": 2, "fedtune.profile_specs": 2, "fedtune.presets": 2,

@@ -54,7 +54,7 @@ def ratios(latency: dict[str, Any], sizes: dict[str, int]) -> dict[str, float]:
 
 def metadata(run_dir: Path, cfg: RunConfig, labels: list[str], opset: int) -> dict[str, Any]:
     """What was exported, from where, with which library versions."""
-    from importlib.metadata import version
+    from fedtune.version import installed
 
     return {
         "format": 1,
@@ -64,5 +64,5 @@ def metadata(run_dir: Path, cfg: RunConfig, labels: list[str], opset: int) -> di
         "num_labels": len(labels),
         "max_length": cfg.data.max_length,
         "opset": opset,
-        "versions": {p: version(p) for p in ("fedtune", "torch", "transformers", "peft", "onnx", "onnxruntime")},
+        "versions": {p: installed(p) for p in ("fedtune", "torch", "transformers", "peft", "onnx", "onnxruntime")},
     }
