@@ -38,7 +38,8 @@ def plot(curves: dict[str, list[float]], ceiling: float) -> None:
     with common.figure(PNG, (7, 4), ncol=2) as ax:
         for name, accs in curves.items():
             ax.plot(range(len(accs)), accs, marker="o", label=name, linestyle="--" if name.startswith("homog") else "-")
-        ax.axhline(ceiling, color="black", linewidth=1, label="centralized (r16)")
+        if ceiling == ceiling:  # not NaN: the ceiling has run
+            ax.axhline(ceiling, color="black", linewidth=1, label="centralized (r16)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--seeds", type=int, default=1, help="run seeds per run (mean ± 95%% CI)")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md alone")
+    ap.add_argument("--stored", action="store_true",
+                    help="train nothing: report the runs finished so far (each row over its finished seeds)")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     base = common.on_accelerator({"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5",
@@ -68,8 +71,10 @@ def main() -> None:
     for i in range(args.seeds):
         for name, flat in runs.items():
             cfg = resolve("default", overrides=common.seed_overrides(flat, i))
+            if (hit := done.get(f"{cfg.federation.seed}/{name}")) is None and args.stored:
+                continue
             print(f"== {name} (seed {cfg.federation.seed})", flush=True)
-            if (hit := done.get(f"{cfg.federation.seed}/{name}")) is None:
+            if hit is None:
                 out = tempfile.mkdtemp(prefix="fedtune-strat-")
                 summary = simulate(cfg, out)
                 keep = ("best_accuracy", "bytes_up_total", "bytes_down_total", "seconds_per_round")
@@ -77,8 +82,10 @@ def main() -> None:
                                {"metrics": RunDir(out).metrics(), "summary": {k: summary[k] for k in keep}})
             results.setdefault(name, []).append((hit["metrics"], hit["summary"]))
         cfg = resolve("default", overrides=common.seed_overrides({**base, "lora-rank": "16"}, i))
+        if (hit := done.get(f"{cfg.federation.seed}/centralized")) is None and args.stored:
+            continue
         print(f"== centralized (seed {cfg.federation.seed})", flush=True)
-        if (hit := done.get(f"{cfg.federation.seed}/centralized")) is None:
+        if hit is None:
             out = tempfile.mkdtemp(prefix="fedtune-strat-central-")
             hit = done.put(f"{cfg.federation.seed}/centralized", {"final_accuracy": centralized(cfg, out)["final_accuracy"]})
         ceilings.append(hit["final_accuracy"])
@@ -95,9 +102,12 @@ def main() -> None:
                      ci([s["best_accuracy"] for _, s in seeds]), ci(dip, 1, scale=100), *per_rank,
                      f"{sum(s['bytes_up_total'] for _, s in seeds) / len(seeds) / 1e6:.2f}",
                      f"{sum(s['bytes_down_total'] for _, s in seeds) / len(seeds) / 1e6:.2f}",
-                     f"{sum(s['seconds_per_round'] for _, s in seeds) / len(seeds):.1f}"])
-    rows.append(["centralized r16 (ceiling)", "-", ci(ceilings), "-", "-", *["-"] * len(ranks), "-", "-", "-"])
-    ceiling = sum(ceilings) / len(ceilings)
+                     f"{sum(s['seconds_per_round'] for _, s in seeds) / len(seeds):.1f}", len(seeds)])
+    if not results:
+        raise SystemExit("no finished run stored for this command's settings (runs/bench/strategies.jsonl)")
+    rows.append(["centralized r16 (ceiling)", "-", ci(ceilings) if ceilings else "not run", "-", "-",
+                 *["-"] * len(ranks), "-", "-", "-", len(ceilings)])
+    ceiling = sum(ceilings) / len(ceilings) if ceilings else float("nan")
     if not args.no_write:
         plot({name: [sum(m[r]["accuracy"] for m, _ in seeds) / len(seeds) for r in range(len(seeds[0][0]))]
               for name, seeds in results.items()}, ceiling)
@@ -117,10 +127,12 @@ def main() -> None:
         "[docs/strategies.md](strategies.md).",
         "",
         common.table(["run", "round 0", "final acc", "best acc", "worst - r0", *[f"rank {r}" for r in ranks],
-                      "MB up", "MB down", "s/round"], rows),
+                      "MB up", "MB down", "s/round", "seeds"], rows),
         "",
         f"Command: `.venv/bin/python bench/strategies.py --seeds {args.seeds} --eval-size {args.eval_size}"
-        f" --strategies {args.strategies}" + "".join(f" --set {s}" for s in args.set) + "`",
+        f" --strategies {args.strategies}" + "".join(f" --set {s}" for s in args.set) + "`"
+        + (" (this table: the same command with `--stored`, from the runs finished so far; the command without it "
+           "trains the missing ones and resumes after a stop)" if args.stored else ""),
         "",
         f"![accuracy per round (mean over seeds)]({PNG.name})",
     ])

@@ -57,3 +57,37 @@ def test_benchmarks_take_the_gpu_path_only_where_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.on_accelerator(base) == {"eval-size": "2000", "client-gpus": "0.25"}
     assert common.on_accelerator({"client-gpus": "0.5"}) == {"client-gpus": "0.5"}  # the user's share wins
+
+
+def test_strategies_stored_reports_each_row_over_its_finished_seeds(tmp_path, monkeypatch, capsys):
+    """``bench/strategies.py --stored`` trains nothing: each row is the mean ± CI over the seeds
+    finished so far, with the count in a seeds column; runs not yet trained are left out."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
+    env = dict(os.environ)
+    import strategies
+
+    os.environ.clear()
+    os.environ.update(env)
+    monkeypatch.setattr(strategies.common, "DOC", tmp_path / "docs" / "benchmarks.md")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    base = {"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5", "eval-size": "50", "model": "tiny"}
+    done = strategies.common.Results("strategies", base)
+    last = {f"accuracy_rank_{r}": 0.7 for r in (16, 8, 4, 2)}
+    summary = {"best_accuracy": 0.72, "bytes_up_total": 2e6, "bytes_down_total": 4e6, "seconds_per_round": 10.0}
+    for key, curve in (("0/fedavg", [0.70, 0.68, 0.72]), ("1/fedavg", [0.71, 0.72, 0.73]), ("0/ffa", [0.70, 0.69, 0.71])):
+        done.put(key, {"metrics": [{"accuracy": a} for a in curve[:-1]] + [{"accuracy": curve[-1], **last}],
+                       "summary": summary})
+    done.put("0/centralized", {"final_accuracy": 0.74})
+    monkeypatch.setattr(sys, "argv", ["strategies.py", "--stored", "--no-write", "--seeds", "2", "--strategies",
+                                      "fedavg,ffa", "--eval-size", "50", "--set", "model=tiny"])
+    strategies.main()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")}
+    assert set(rows) == {"run", "fedavg", "ffa", "centralized r16 (ceiling)"}  # homogeneous runs: not trained yet
+    # worst round after 0 minus round 0, in points: fedavg -2 and +1 -> -0.5 ± 12.706 * 2.1213 / sqrt(2)
+    assert rows["fedavg"][4] == "-0.5 ± 19.1" and rows["fedavg"][-1] == "2 |"
+    assert rows["ffa"][4] == "-1.0" and rows["ffa"][-1] == "1 |"
+    assert rows["centralized r16 (ceiling)"][2] == "0.740" and rows["centralized r16 (ceiling)"][-1] == "1 |"
+    assert not (tmp_path / "docs" / "benchmarks.md").exists()
