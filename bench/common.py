@@ -91,6 +91,14 @@ def seed_overrides(base: dict, i: int) -> dict:
     return {**base, "seed": str(int(base.get("seed", 0)) + i)}
 
 
+def precision(model_cfg) -> str:
+    """One sentence on what the frozen base computed in, for a section's setting line."""
+    if model_cfg.cpu_autocast == "auto":
+        return ("the frozen base's forward in bf16 autocast on the CPU (`cpu-autocast=auto`; "
+                "adapters, head and optimizer state fp32, the same for every run of the table)")
+    return f"the frozen base in {model_cfg.base_dtype}"
+
+
 def on_accelerator(base: dict, share: str = "0.25") -> dict:
     """``base`` plus ``client-gpus`` = ``share`` (1/share virtual clients train at once on the GPU)
     where this machine has a CUDA device and ``base`` does not set it: a benchmark then runs its

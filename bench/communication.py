@@ -126,7 +126,7 @@ def main() -> None:
         f"Model `{cfg.model.model}`, 20 Newsgroups, {cfg.partition.num_clients} "
         f"Dirichlet({cfg.partition.dirichlet_alpha}) "
         f"clients, {cfg.federation.rounds} rounds x {cfg.train.local_steps} local steps, every client every round, "
-        f"max-length {cfg.data.max_length}, head-init={cfg.train.head_init} from {cfg.train.head_init_examples} "
+        f"max-length {cfg.data.max_length}, {common.precision(cfg.model)}, head-init={cfg.train.head_init} from {cfg.train.head_init_examples} "
         "examples per client; "
         f"accuracy on a fixed {cfg.data.eval_size or 'whole'}-example test slice after the last round, "
         f"mean ± 95% Student-t interval over {len(seeds)} run seed(s) "

@@ -119,7 +119,7 @@ def main() -> None:
         f"Model `{cfg.model.model}`, 20 Newsgroups, {cfg.partition.num_clients} Dirichlet({cfg.partition.dirichlet_alpha}) "
         f"clients in four profiles (round-robin by client id): gpu-large r16, gpu-small r8, cpu-mid r4 (deepest 4 "
         f"layers), cpu-edge r2 (deepest 3 layers, batch 8); lora-alpha {cfg.model.lora_alpha}, {fed.rounds} rounds x "
-        f"{cfg.train.local_steps} local steps; accuracy on a fixed {cfg.data.eval_size or 'whole'}-example test slice; "
+        f"{cfg.train.local_steps} local steps, {common.precision(cfg.model)}; accuracy on a fixed {cfg.data.eval_size or 'whole'}-example test slice; "
         f"{args.seeds} run seed(s), mean ± 95% Student-t interval; `worst - r0` = the lowest round after 0 minus "
         "round 0, in points (negative: a dip below the starting head). "
         "`rank r` = the model a client of that rank actually runs (its slice / truncation / own B group mean), "
