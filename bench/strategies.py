@@ -45,6 +45,14 @@ def plot(curves: dict[str, list[float]], ceiling: float) -> None:
         ax.set_ylabel("test accuracy")
 
 
+def paired(finals: dict[str, dict[int, float]], name: str, ref: str) -> str:
+    """``name``'s final accuracy minus ``ref``'s over the seeds both finished, in points: 'mean ± CI (n)'."""
+    both = sorted(set(finals.get(name, {})) & set(finals.get(ref, {})))
+    if not both or name == ref:
+        return "-"
+    return f"{common.fmt_ci([finals[name][s] - finals[ref][s] for s in both], 1, scale=100)} ({len(both)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-size", default="2000")
@@ -67,6 +75,7 @@ def main() -> None:
     runs["homogeneous fedavg r2"] = {**base, "lora-rank": "2"}
     results: dict[str, list[tuple[list[dict], dict]]] = {}  # name -> per seed: (metrics, summary)
     ceilings = []
+    finals: dict[str, dict[int, float]] = {}  # name -> seed -> final accuracy (for differences paired by seed)
     done = common.Results("strategies", base)  # finished runs survive a stop; a rerun picks up after them
     for i in range(args.seeds):
         for name, flat in runs.items():
@@ -81,6 +90,7 @@ def main() -> None:
                 hit = done.put(f"{cfg.federation.seed}/{name}",
                                {"metrics": RunDir(out).metrics(), "summary": {k: summary[k] for k in keep}})
             results.setdefault(name, []).append((hit["metrics"], hit["summary"]))
+            finals.setdefault(name, {})[cfg.federation.seed] = hit["metrics"][-1]["accuracy"]
         cfg = resolve("default", overrides=common.seed_overrides({**base, "lora-rank": "16"}, i))
         if (hit := done.get(f"{cfg.federation.seed}/centralized")) is None and args.stored:
             continue
@@ -89,6 +99,7 @@ def main() -> None:
             out = tempfile.mkdtemp(prefix="fedtune-strat-central-")
             hit = done.put(f"{cfg.federation.seed}/centralized", {"final_accuracy": centralized(cfg, out)["final_accuracy"]})
         ceilings.append(hit["final_accuracy"])
+        finals.setdefault("centralized", {})[cfg.federation.seed] = hit["final_accuracy"]
 
     ranks = [16, 8, 4, 2]
     rows = []
@@ -108,6 +119,8 @@ def main() -> None:
     rows.append(["centralized r16 (ceiling)", "-", ci(ceilings) if ceilings else "not run", "-", "-",
                  *["-"] * len(ranks), "-", "-", "-", len(ceilings)])
     ceiling = sum(ceilings) / len(ceilings) if ceilings else float("nan")
+    paired_rows = [[name, *[paired(finals, name, ref) for ref in ("fedavg", "centralized")]]
+                   for name in results]
     if not args.no_write:
         plot({name: [sum(m[r]["accuracy"] for m, _ in seeds) / len(seeds) for r in range(len(seeds[0][0]))]
               for name, seeds in results.items()}, ceiling)
@@ -128,6 +141,11 @@ def main() -> None:
         "",
         common.table(["run", "round 0", "final acc", "best acc", "worst - r0", *[f"rank {r}" for r in ranks],
                       "MB up", "MB down", "s/round", "seeds"], rows),
+        "",
+        "Final accuracy minus fedavg's (zero-padded averaging of the mixed ranks) and minus the centralized "
+        "ceiling's, in points, paired by seed (the same partition and test slice): mean ± 95% CI (seeds):",
+        "",
+        common.table(["run", "- fedavg (points)", "- centralized (points)"], paired_rows),
         "",
         f"Command: `.venv/bin/python bench/strategies.py --seeds {args.seeds} --eval-size {args.eval_size}"
         f" --strategies {args.strategies}" + "".join(f" --set {s}" for s in args.set) + "`"

@@ -83,11 +83,15 @@ def test_strategies_stored_reports_each_row_over_its_finished_seeds(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["strategies.py", "--stored", "--no-write", "--seeds", "2", "--strategies",
                                       "fedavg,ffa", "--eval-size", "50", "--set", "model=tiny"])
     strategies.main()
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")}
+    out = capsys.readouterr().out
+    tables = [block for block in out.split("\n\n") if block.startswith("| run |")]
+    rows, pairs = ({line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in t.splitlines() if not line.startswith("|---")} for t in tables)
     assert set(rows) == {"run", "fedavg", "ffa", "centralized r16 (ceiling)"}  # homogeneous runs: not trained yet
     # worst round after 0 minus round 0, in points: fedavg -2 and +1 -> -0.5 ± 12.706 * 2.1213 / sqrt(2)
     assert rows["fedavg"][4] == "-0.5 ± 19.1" and rows["fedavg"][-1] == "2 |"
     assert rows["ffa"][4] == "-1.0" and rows["ffa"][-1] == "1 |"
     assert rows["centralized r16 (ceiling)"][2] == "0.740" and rows["centralized r16 (ceiling)"][-1] == "1 |"
+    # final minus fedavg's and minus the ceiling's, paired by seed over the seeds both finished
+    assert pairs["fedavg"][1:] == ["-", "-2.0 (1) |"]  # seed 0 only has a ceiling: 0.72 - 0.74
+    assert pairs["ffa"][1:] == ["-1.0 (1)", "-3.0 (1) |"]  # 0.71 - 0.72, 0.71 - 0.74
     assert not (tmp_path / "docs" / "benchmarks.md").exists()
