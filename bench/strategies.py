@@ -119,6 +119,7 @@ def main() -> None:
     rows.append(["centralized r16 (ceiling)", "-", ci(ceilings) if ceilings else "not run", "-", "-",
                  *["-"] * len(ranks), "-", "-", "-", len(ceilings)])
     ceiling = sum(ceilings) / len(ceilings) if ceilings else float("nan")
+    complete = len(ceilings) == args.seeds and all(len(results.get(n, [])) == args.seeds for n in runs)
     paired_rows = [[name, *[paired(finals, name, ref) for ref in ("fedavg", "centralized")]]
                    for name in results]
     if not args.no_write:
@@ -150,7 +151,7 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/strategies.py --seeds {args.seeds} --eval-size {args.eval_size}"
         f" --strategies {args.strategies}" + "".join(f" --set {s}" for s in args.set) + "`"
         + (" (this table: the same command with `--stored`, from the runs finished so far; the command without it "
-           "trains the missing ones and resumes after a stop)" if args.stored else ""),
+           "trains the missing ones and resumes after a stop)" if args.stored and not complete else ""),
         "",
         f"![accuracy per round (mean over seeds)]({PNG.name})",
     ])
