@@ -92,11 +92,21 @@ def seed_overrides(base: dict, i: int) -> dict:
 
 
 def precision(model_cfg) -> str:
-    """One sentence on what the frozen base computed in, for a section's setting line."""
-    if model_cfg.cpu_autocast == "auto":
-        return ("the frozen base's forward in bf16 autocast on the CPU (`cpu-autocast=auto`; "
-                "adapters, head and optimizer state fp32, the same for every run of the table)")
-    return f"the frozen base in {model_cfg.base_dtype}"
+    """One phrase on what the frozen base computed in on this machine's clients, as
+    ``fedtune.device`` decides it (cpu-autocast falls back to fp32 on a CPU without bf16)."""
+    from fedtune.device import autocast_dtype, resolve
+
+    dtype = autocast_dtype(resolve(model_cfg.device), model_cfg.base_dtype, model_cfg.cpu_autocast)
+    if dtype is None:
+        return "the frozen base in float32"
+    knob = "`cpu-autocast=auto`; " if model_cfg.base_dtype == "float32" else ""
+    return (f"the frozen base's forward in {str(dtype).removeprefix('torch.')} autocast ({knob}adapters, head and "
+            "optimizer state fp32, the same for every run of the table)")
+
+
+def paired(runs: dict[int, float], ref: dict[int, float]) -> list[float]:
+    """``runs`` minus ``ref`` (seed -> accuracy) over the seeds both finished, in points."""
+    return [100 * (runs[s] - ref[s]) for s in sorted(set(runs) & set(ref))]
 
 
 def on_accelerator(base: dict, share: str = "0.25") -> dict:

@@ -117,7 +117,7 @@ def main() -> None:
     for name, (up, acc) in points.items():
         if name != "lora" and up <= 0.0025 * full_bytes:
             met = "met" if acc >= lora_acc - 0.01 else "missed"
-            paired = [100 * (a - finals["lora"][s]) for s, a in finals[name].items() if s in finals.get("lora", {})]
+            paired = common.paired(finals[name], finals.get("lora", {}))
             verdict.append(f"{LABELS[name]}: {100 * up / full_bytes:.3f}% of the full model, "
                            f"{common.fmt_ci(paired, 1)} points vs LoRA (paired by seed; mean: {met})")
     body = "\n".join([

@@ -45,12 +45,10 @@ def plot(curves: dict[str, list[float]], ceiling: float) -> None:
         ax.set_ylabel("test accuracy")
 
 
-def paired(finals: dict[str, dict[int, float]], name: str, ref: str) -> str:
-    """``name``'s final accuracy minus ``ref``'s over the seeds both finished, in points: 'mean ± CI (n)'."""
-    both = sorted(set(finals.get(name, {})) & set(finals.get(ref, {})))
-    if not both or name == ref:
-        return "-"
-    return f"{common.fmt_ci([finals[name][s] - finals[ref][s] for s in both], 1, scale=100)} ({len(both)})"
+def vs(finals: dict[str, dict[int, float]], name: str, ref: str) -> str:
+    """``name``'s final accuracy minus ``ref``'s, paired by seed: 'mean ± CI (seeds)' in points."""
+    diffs = common.paired(finals.get(name, {}), finals.get(ref, {}))
+    return f"{common.fmt_ci(diffs, 1)} ({len(diffs)})" if diffs and name != ref else "-"
 
 
 def main() -> None:
@@ -73,9 +71,8 @@ def main() -> None:
     runs = {name: {**base, **PROFILES, "strategy": name} for name in args.strategies.split(",")}
     runs["homogeneous fedavg r16"] = {**base, "lora-rank": "16"}
     runs["homogeneous fedavg r2"] = {**base, "lora-rank": "2"}
-    results: dict[str, list[tuple[list[dict], dict]]] = {}  # name -> per seed: (metrics, summary)
-    ceilings = []
-    finals: dict[str, dict[int, float]] = {}  # name -> seed -> final accuracy (for differences paired by seed)
+    results: dict[str, dict[int, tuple[list[dict], dict]]] = {}  # name -> seed -> (metrics, summary)
+    ceilings: dict[int, float] = {}  # seed -> centralized final accuracy
     done = common.Results("strategies", base)  # finished runs survive a stop; a rerun picks up after them
     for i in range(args.seeds):
         for name, flat in runs.items():
@@ -89,8 +86,7 @@ def main() -> None:
                 keep = ("best_accuracy", "bytes_up_total", "bytes_down_total", "seconds_per_round")
                 hit = done.put(f"{cfg.federation.seed}/{name}",
                                {"metrics": RunDir(out).metrics(), "summary": {k: summary[k] for k in keep}})
-            results.setdefault(name, []).append((hit["metrics"], hit["summary"]))
-            finals.setdefault(name, {})[cfg.federation.seed] = hit["metrics"][-1]["accuracy"]
+            results.setdefault(name, {})[cfg.federation.seed] = (hit["metrics"], hit["summary"])
         cfg = resolve("default", overrides=common.seed_overrides({**base, "lora-rank": "16"}, i))
         if (hit := done.get(f"{cfg.federation.seed}/centralized")) is None and args.stored:
             continue
@@ -98,13 +94,13 @@ def main() -> None:
         if hit is None:
             out = tempfile.mkdtemp(prefix="fedtune-strat-central-")
             hit = done.put(f"{cfg.federation.seed}/centralized", {"final_accuracy": centralized(cfg, out)["final_accuracy"]})
-        ceilings.append(hit["final_accuracy"])
-        finals.setdefault("centralized", {})[cfg.federation.seed] = hit["final_accuracy"]
+        ceilings[cfg.federation.seed] = hit["final_accuracy"]
 
     ranks = [16, 8, 4, 2]
     rows = []
     ci = common.fmt_ci
-    for name, seeds in results.items():
+    for name, by_seed in results.items():
+        seeds = list(by_seed.values())
         lasts = [m[-1] for m, _ in seeds]
         per_rank = [ci([last[f"accuracy_rank_{r}"] for last in lasts]) if f"accuracy_rank_{r}" in lasts[0] else "-"
                     for r in ranks]
@@ -116,15 +112,17 @@ def main() -> None:
                      f"{sum(s['seconds_per_round'] for _, s in seeds) / len(seeds):.1f}", len(seeds)])
     if not results:
         raise SystemExit("no finished run stored for this command's settings (runs/bench/strategies.jsonl)")
-    rows.append(["centralized r16 (ceiling)", "-", ci(ceilings) if ceilings else "not run", "-", "-",
+    rows.append(["centralized r16 (ceiling)", "-", ci(list(ceilings.values())) if ceilings else "not run", "-", "-",
                  *["-"] * len(ranks), "-", "-", "-", len(ceilings)])
-    ceiling = sum(ceilings) / len(ceilings) if ceilings else float("nan")
-    complete = len(ceilings) == args.seeds and all(len(results.get(n, [])) == args.seeds for n in runs)
-    paired_rows = [[name, *[paired(finals, name, ref) for ref in ("fedavg", "centralized")]]
-                   for name in results]
+    ceiling = sum(ceilings.values()) / len(ceilings) if ceilings else float("nan")
+    complete = len(ceilings) == args.seeds and all(len(results.get(n, {})) == args.seeds for n in runs)
+    finals = {name: {s: m[-1]["accuracy"] for s, (m, _) in by_seed.items()} for name, by_seed in results.items()}
+    finals["centralized"] = ceilings
+    paired_rows = [[name, *[vs(finals, name, ref) for ref in ("fedavg", "centralized")]] for name in results]
     if not args.no_write:
-        plot({name: [sum(m[r]["accuracy"] for m, _ in seeds) / len(seeds) for r in range(len(seeds[0][0]))]
-              for name, seeds in results.items()}, ceiling)
+        curves = {name: [m for m, _ in by_seed.values()] for name, by_seed in results.items()}  # name -> per seed
+        plot({name: [sum(m[r]["accuracy"] for m in ms) / len(ms) for r in range(len(ms[0]))]
+              for name, ms in curves.items()}, ceiling)
 
     fed = cfg.federation
     body = "\n".join([

@@ -85,7 +85,8 @@ def test_strategies_stored_reports_each_row_over_its_finished_seeds(tmp_path, mo
     strategies.main()
     out = capsys.readouterr().out
     tables = [block for block in out.split("\n\n") if block.startswith("| run |")]
-    rows, pairs = ({line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in t.splitlines() if not line.startswith("|---")} for t in tables)
+    rows, pairs = ({line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in t.splitlines()
+                    if not line.startswith("|---")} for t in tables)
     assert set(rows) == {"run", "fedavg", "ffa", "centralized r16 (ceiling)"}  # homogeneous runs: not trained yet
     # worst round after 0 minus round 0, in points: fedavg -2 and +1 -> -0.5 ± 12.706 * 2.1213 / sqrt(2)
     assert rows["fedavg"][4] == "-0.5 ± 19.1" and rows["fedavg"][-1] == "2 |"
