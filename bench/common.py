@@ -22,7 +22,10 @@ HEADER = "# Benchmarks\n\nEvery figure here is written by a script under `bench/
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} cores{gpu}, Python {platform.python_version()}"
 
 
 def write_section(name: str, body: str) -> None:
@@ -121,10 +124,21 @@ def on_accelerator(base: dict, share: str = "0.25") -> dict:
     return {**base, "client-gpus": share}
 
 
+def defaults_mark() -> str:
+    """A short hash of the default preset's whole config: what a stored run's "defaults" meant."""
+    import hashlib
+
+    from fedtune.presets import resolve
+
+    return hashlib.sha1(resolve("default").to_json().encode()).hexdigest()[:12]
+
+
 class Results:
     """Finished runs of a benchmark, one JSON line each in ``runs/bench/NAME.jsonl``: a rerun
     with the same settings reads them back instead of training again, so a benchmark that
-    stops (Ctrl-C, a crash, the machine) loses only the run it was in.
+    stops (Ctrl-C, a crash, the machine) loses only the run it was in. The settings include
+    :func:`defaults_mark`: after a default changes (a new local loss, say) runs stored before it
+    are not read back as runs of the new defaults.
 
         done = Results("accuracy", settings)      # settings: what makes a run comparable
         if (hit := done.get(key)) is None: hit = done.put(key, {"curve": [...]})
@@ -133,7 +147,7 @@ class Results:
     def __init__(self, name: str, settings: dict, folder: Path | None = None) -> None:
         import json
 
-        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.settings = json.loads(json.dumps({**settings, "defaults": defaults_mark()}, sort_keys=True, default=str))
         self.path = (folder or DOC.parent.parent / "runs" / "bench") / f"{name}.jsonl"
         self.rows: dict[str, dict] = {}
         if self.path.exists():

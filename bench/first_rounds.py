@@ -92,7 +92,8 @@ def main() -> None:
         "",
         common.table(["recipe", *[f"round {i}" for i in range(rounds)], "worst - r0 (points)"], rows),
         "",
-        "Rows name what differs from the defaults (`head-init=ridge`, `head-ridge-scale` 0.3, `head-logit-scale` 16; "
+        "Rows name what differs from the defaults (`head-init=ridge`, `head-ridge-scale` 0.3, `head-logit-scale` 16, "
+        "`local-loss=ce`; "
         "`defaults` or an empty recipe: none).",
         "",
         "Command: `.venv/bin/python bench/first_rounds.py --base " + args.base + " "

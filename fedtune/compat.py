@@ -219,6 +219,13 @@ def check_task(cfg: RunConfig) -> None:
     if m.task == "causal-lm" and cfg.train.head_init != "random":
         raise ConfigError(f"bad value head-init={cfg.train.head_init!r}: a causal LM has no classification head; "
                           "set head-init=random with task=causal-lm (the llm preset does)")
+    if m.task == "causal-lm" and cfg.train.local_loss == "logit-adjusted":
+        raise ConfigError(f"bad value local-loss={cfg.train.local_loss!r}: a causal LM has no label prior to "
+                          "adjust its logits by; use local-loss=ce with task=causal-lm")
+    if cfg.train.local_loss == "logit-adjusted" and cfg.privacy.dp == "sample":
+        raise ConfigError(f"bad value local-loss={cfg.train.local_loss!r} with dp=sample: the local label prior "
+                          "makes every example's loss depend on the others, which per-example clipping does not "
+                          "bound; use local-loss=ce (client-level dp takes it)")
     if m.base_quant != "none" and (why := adapter_kind(m.adapter).base_quant):
         raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "
                           f"(adapter={m.adapter!r} {why})")

@@ -104,15 +104,43 @@ class BatchStream:
         return self.enc.collate(idx, self.pad_id)  # the task's own batching (fedtune/tasks.py)
 
 
-def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int) -> list[float]:
-    """``steps`` optimizer steps; returns the per-step losses."""
+def label_log_prior(labels: np.ndarray, num_labels: int) -> Tensor:
+    """[C] log of the label frequencies in ``labels`` (a class absent there: log 1e-6, far below
+    the present classes in the local softmax; cf. FedRS, Li & Zhan, KDD 2021)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64)
+    return torch.from_numpy(np.log(np.maximum(counts / max(counts.sum(), 1.0), 1e-6))).float()
+
+
+# local-loss -> the offset added to the logits in the training loss (ce: none, the model's own loss)
+LOGIT_OFFSETS = {
+    "logit-adjusted": label_log_prior,  # Menon et al., ICLR 2021; FedLC (Zhang et al., ICML 2022)
+}
+
+
+def logit_offset(cfg: TrainConfig, model: nn.Module, enc) -> Tensor | None:
+    """What ``local-loss`` adds to the [B, C] logits of ``model`` while it trains on the class
+    labels of ``enc`` (None for ce: the model's own loss)."""
+    if cfg.local_loss == "ce":
+        return None
+    return LOGIT_OFFSETS[cfg.local_loss](enc.labels, model.config.num_labels)
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int,
+              offset: Tensor | None = None) -> list[float]:
+    """``steps`` optimizer steps; returns the per-step losses. ``offset`` [C]: the loss is the
+    cross-entropy of logits + offset (a logit-adjusted loss) instead of the model's own."""
     model.train()  # also what makes transformers apply gradient checkpointing
     where = placement_of(model)
+    offset = None if offset is None else offset.to(where.device)
     losses: list[Tensor] = []
     for _ in range(steps):
         batch = to_device(batches.next(), where.device)
         with where.compute():  # autocast of the frozen base, if any (fedtune/device.py)
-            loss = model(**batch).loss
+            if offset is None:
+                loss = model(**batch).loss
+            else:
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, C]
+                loss = Encoded.loss(logits.float() + offset, batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,7 +158,8 @@ def train_local(model: nn.Module, enc: Encoded, cfg: TrainConfig, seed: int, pad
     steps = num_local_steps(cfg, len(enc))
     torch.manual_seed(seed)  # dropout masks
     opt = make_optimizer(model, cfg)
-    losses = run_steps(model, opt, warmup(opt, cfg.warmup_steps), BatchStream(enc, cfg.batch_size, seed, pad_id), steps)
+    losses = run_steps(model, opt, warmup(opt, cfg.warmup_steps), BatchStream(enc, cfg.batch_size, seed, pad_id), steps,
+                       logit_offset(cfg, model, enc))
     return {"train_loss": float(np.mean(losses)), "steps": float(steps)}
 
 

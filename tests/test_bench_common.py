@@ -48,6 +48,14 @@ def test_results_are_read_back_only_for_the_same_settings(tmp_path):
     assert common.Results("acc", {"rounds": "8", "eval-size": "800"}, folder=tmp_path).get("natural/1/fedtune")
 
 
+def test_stored_runs_of_older_defaults_are_not_read_back(tmp_path, monkeypatch):
+    """A run stored under "fedtune defaults" before a default changed is not the new defaults' run."""
+    common.Results("acc", {"rounds": "8"}, folder=tmp_path).put("natural/0/fedtune defaults", {"accuracy": [0.7]})
+    assert common.Results("acc", {"rounds": "8"}, folder=tmp_path).get("natural/0/fedtune defaults")
+    monkeypatch.setattr(common, "defaults_mark", lambda: "another")  # e.g. local-loss ce -> logit-adjusted
+    assert common.Results("acc", {"rounds": "8"}, folder=tmp_path).get("natural/0/fedtune defaults") is None
+
+
 def test_benchmarks_take_the_gpu_path_only_where_there_is_one(monkeypatch):
     import torch
 
@@ -59,19 +67,27 @@ def test_benchmarks_take_the_gpu_path_only_where_there_is_one(monkeypatch):
     assert common.on_accelerator({"client-gpus": "0.5"}) == {"client-gpus": "0.5"}  # the user's share wins
 
 
+def _bench_script(name: str, tmp_path, monkeypatch):
+    """bench/NAME.py imported as a module, writing its section and runs under ``tmp_path``, on a
+    machine without CUDA, with the environment bench/common.py sets undone."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
+    env = dict(os.environ)
+    module = importlib.import_module(name)
+    os.environ.clear()
+    os.environ.update(env)
+    monkeypatch.setattr(module.common, "DOC", tmp_path / "docs" / "benchmarks.md")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    return module
+
+
 def test_strategies_stored_reports_each_row_over_its_finished_seeds(tmp_path, monkeypatch, capsys):
     """``bench/strategies.py --stored`` trains nothing: each row is the mean ± CI over the seeds
     finished so far, with the count in a seeds column; runs not yet trained are left out."""
     import sys
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
-    env = dict(os.environ)
-    import strategies
-
-    os.environ.clear()
-    os.environ.update(env)
-    monkeypatch.setattr(strategies.common, "DOC", tmp_path / "docs" / "benchmarks.md")
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    strategies = _bench_script("strategies", tmp_path, monkeypatch)
     base = {"num-clients": "10", "partition": "dirichlet", "dirichlet-alpha": "0.5", "eval-size": "50", "model": "tiny"}
     done = strategies.common.Results("strategies", base)
     last = {f"accuracy_rank_{r}": 0.7 for r in (16, 8, 4, 2)}
@@ -95,4 +111,31 @@ def test_strategies_stored_reports_each_row_over_its_finished_seeds(tmp_path, mo
     # final minus fedavg's and minus the ceiling's, paired by seed over the seeds both finished
     assert pairs["fedavg"][1:] == ["-", "-2.0 (1) |"]  # seed 0 only has a ceiling: 0.72 - 0.74
     assert pairs["ffa"][1:] == ["-1.0 (1)", "-3.0 (1) |"]  # 0.71 - 0.72, 0.71 - 0.74
+    assert not (tmp_path / "docs" / "benchmarks.md").exists()
+
+
+def test_accuracy_stored_pairs_each_recipe_with_the_centralized_runs(tmp_path, monkeypatch, capsys):
+    """``bench/accuracy.py --recipe ... --loop plain --stored``: each recipe is a row of its own,
+    and fed - central is paired by seed for every federated row."""
+    import sys
+
+    accuracy = _bench_script("accuracy", tmp_path, monkeypatch)
+    done = accuracy.common.Results("accuracy", {"eval-size": "50", "model": "tiny", "rounds": "2", "loop": "plain"})
+    for seed, (fed, adj, cen) in enumerate((([0.70, 0.71, 0.72], [0.70, 0.72, 0.74], [0.70, 0.73, 0.73]),
+                                             ([0.60, 0.62, 0.60], [0.60, 0.63, 0.63], [0.60, 0.64, 0.62]))):
+        done.put(f"dirichlet-0.5/{seed}/fedtune defaults", {"accuracy": fed, "spr": 10.0})
+        done.put(f"dirichlet-0.5/{seed}/fedtune, local-loss=logit-adjusted", {"accuracy": adj, "spr": 12.0})
+        done.put(f"dirichlet-0.5/{seed}/centralized, same steps", {"accuracy": cen, "spr": None})
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "--stored", "--no-write", "--seeds", "2", "--rounds", "2",
+                                      "--partitions", "dirichlet-0.5", "--eval-size", "50", "--set", "model=tiny",
+                                      "--recipe", "local-loss=logit-adjusted", "--loop", "plain"])
+    accuracy.main()
+    out = capsys.readouterr().out
+    gaps = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[5].strip()
+            for line in out.splitlines() if line.startswith("| dirichlet-0.5 |") and line.count("|") == 6}
+    # defaults: 0.72 - 0.73 and 0.60 - 0.62 -> -1.5 ± 12.706 * 0.7071 / sqrt(2) = -1.5 ± 6.4 points
+    assert gaps[("dirichlet-0.5", "fedtune defaults", "2")] == "-1.5 ± 6.4"
+    # adjusted: 0.74 - 0.73 and 0.63 - 0.62 -> +1.0 ± 0
+    assert gaps[("dirichlet-0.5", "fedtune, local-loss=logit-adjusted", "2")] == "1.0 ± 0.0"
+    assert "the in-process plain loop" in out and "--loop plain" in out
     assert not (tmp_path / "docs" / "benchmarks.md").exists()

@@ -26,7 +26,7 @@ from fedtune.head_init import clients_head
 from fedtune.modeling import build_model, load_tokenizer
 from fedtune.artifacts import RunDir
 from fedtune.tasks import task_of
-from fedtune.training import BatchStream, make_optimizer, num_local_steps, run_steps, warmup
+from fedtune.training import BatchStream, logit_offset, make_optimizer, num_local_steps, run_steps, warmup
 
 
 def federated_budget(cfg: RunConfig) -> tuple[int, list[int]]:
@@ -63,6 +63,7 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     opt = make_optimizer(model, cfg.train)
     sched = warmup(opt, cfg.train.warmup_steps)
     batches = BatchStream(enc, cfg.train.batch_size, cfg.federation.seed, tok.pad_token_id or 0)
+    offset = logit_offset(cfg.train, model, enc)  # local-loss=logit-adjusted: the pooled prior
     res = evaluator(model)
     extra = lambda res: {k: v for k, v in res.items() if k == "perplexity"}  # noqa: E731 (causal-lm)
     run.append_metrics({"round": 0, "accuracy": res["accuracy"], "loss": res["loss"], "steps": 0, "seconds": 0.0,
@@ -70,7 +71,7 @@ def centralized(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     started, total = time.perf_counter(), 0
     for r in range(1, cfg.federation.rounds + 1):
         t = time.perf_counter()
-        losses = run_steps(model, opt, sched, batches, steps_per_round)
+        losses = run_steps(model, opt, sched, batches, steps_per_round, offset)
         total += steps_per_round
         res = evaluator(model)
         row = {"round": r, "accuracy": res["accuracy"], "loss": res["loss"], "steps": total,

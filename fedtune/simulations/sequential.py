@@ -33,10 +33,25 @@ def fedavg_round(cfg: RunConfig, state: dict[str, Tensor], clients, server_round
     return weighted_mean(states, weights)
 
 
+def server_step(cfg: RunConfig, state: dict[str, Tensor], mean: dict[str, Tensor],
+                momentum: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The global state after a round. fedavg: the mean. fedavgm (Hsu et al., 2019, as flwr's
+    FedAvgM): v <- beta v + (x - mean) (v = x - mean in round 1), x <- x - server-lr v; ``momentum``
+    holds v between rounds."""
+    if cfg.federation.strategy == "fedavg":
+        return mean
+    beta = cfg.federation.server_momentum or 0.9  # as fedtune.strategies builds FedAvgM
+    for k in state:
+        g = state[k] - mean[k]
+        momentum[k] = beta * momentum[k] + g if k in momentum else g
+    return {k: state[k] - cfg.federation.server_lr * momentum[k] for k in state}
+
+
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     kind = adapter_kind(cfg.model.adapter)
-    if cfg.federation.strategy != "fedavg" or kind.training != "plain" or kind.aggregation != "mean":
-        raise ValueError("the sequential reference implements fedavg of adapters with a plain local run and mean only")
+    if cfg.federation.strategy not in ("fedavg", "fedavgm") or kind.training != "plain" or kind.aggregation != "mean":
+        raise ValueError("the sequential reference implements fedavg and fedavgm of adapters with a plain local run "
+                         "and mean only")
     if cfg.privacy.dp != "none":
         raise ValueError(f"the sequential reference has no differential privacy; dp={cfg.privacy.dp!r} needs simulate")
     n = cfg.partition.num_clients
@@ -49,10 +64,11 @@ def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:
     state = trainable_state(model)
     rows = [{"round": 0, **evaluator(model), "seconds": 0.0}]
     rng = np.random.default_rng(cfg.federation.seed)
+    momentum: dict[str, Tensor] = {}
     for r in range(1, cfg.federation.rounds + 1):
         t = time.perf_counter()
         clients = sorted(rng.choice(n, per_round, replace=False)) if per_round < n else range(n)
-        state = fedavg_round(cfg, state, clients, r)
+        state = server_step(cfg, state, fedavg_round(cfg, state, clients, r), momentum)
         load_trainable_state(model, state)
         rows.append({"round": r, **evaluator(model), "seconds": time.perf_counter() - t})
         progress(f"round {r}: accuracy {rows[-1]['accuracy']:.4f}  {rows[-1]['seconds']:.1f} s")

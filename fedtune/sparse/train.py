@@ -17,7 +17,7 @@ from fedtune.config import RunConfig
 from fedtune.device import placement_of, to_device
 from fedtune.sparse.layer import sparse_layers
 from fedtune.sparse.select import SELECTIONS, SelectContext
-from fedtune.training import BatchStream, Encoded, make_optimizer, num_local_steps, run_steps, warmup
+from fedtune.training import BatchStream, Encoded, logit_offset, make_optimizer, num_local_steps, run_steps, warmup
 
 
 def choose(model: nn.Module, cfg: RunConfig, batches: BatchStream) -> dict:
@@ -42,7 +42,8 @@ def train_sparse(model: nn.Module, enc: Encoded, cfg: RunConfig, seed: int, pad_
             m.start(masks[n])
         opt = make_optimizer(model, cfg.train)  # the k values per layer at lr, the head at head-lr
         steps = num_local_steps(cfg.train, len(enc))
-        losses = run_steps(model, opt, warmup(opt, cfg.train.warmup_steps), batches, steps)
+        losses = run_steps(model, opt, warmup(opt, cfg.train.warmup_steps), batches, steps,
+                           logit_offset(cfg.train, model, enc))
     finally:
         update = {wire.BASE + n: m.stop() for n, m in layers.items()}
     model.last_update = update
