@@ -127,7 +127,7 @@ class TrainConfig:
     head_ridge_scale: float = 0.3  # ridge: logits = this x the LDA log posterior (fitted LDA is over-confident)
     # the local training loss: ce (the task's own) | logit-adjusted = cross-entropy of logits + log(local
     # label prior) (Menon et al., ICLR 2021; FedLC, Zhang et al., ICML 2022): +1.1 points when clients hold
-    # disjoint topics, -1.4 on the default run (docs/benchmarks.md "accuracy-reading"), so not the default
+    # disjoint topics; on the default run -1.4 ± 1.7 and a round-1 dip (docs/benchmarks.md "accuracy-reading")
     local_loss: str = "ce"
 
     def __post_init__(self) -> None:
