@@ -66,24 +66,19 @@ def train_cells(names: list[str], jobs: int) -> None:
     a time; each stores its runs in runs/bench/accuracy.jsonl, which the caller then reads back."""
     import subprocess
     import sys
-    import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    waiting, running, failed = list(names), {}, []
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            cell = waiting.pop(0)
-            log = common.DOC.parent.parent / "runs" / "bench" / f"accuracy-{cell.replace('/', '-')}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--cell", cell, "--no-write"]
-            running[cell] = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-            print(f"cell {cell}: started (log {log})", flush=True)
-        time.sleep(2)
-        for cell, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[cell]
-                print(f"cell {cell}: exit {proc.returncode}; {len(waiting) + len(running)} left", flush=True)
-                if proc.returncode:
-                    failed.append(cell)
+    def one(cell: str) -> int:
+        log = common.DOC.parent.parent / "runs" / "bench" / f"accuracy-{cell.replace('/', '-')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--cell", cell, "--no-write"]
+        with log.open("w") as out:
+            rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(f"cell {cell}: exit {rc} (log {log})", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = [cell for cell, rc in zip(names, pool.map(one, names)) if rc]
     if failed:
         print(f"cells that failed (their logs say why; the table reports what finished): {', '.join(failed)}")
 
@@ -126,8 +121,7 @@ def main() -> None:
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}  # (partition, kind) -> {seed: accuracy per round}
     spr: dict[tuple[str, str], list[float]] = {}
     cfg = None
-    # finished runs survive a stop; a rerun picks up after them
-    done = common.Results("accuracy", base if args.loop == "simulation" else {**base, "loop": args.loop})
+    done = common.Results("accuracy", {**base, "loop": args.loop})  # finished runs survive a stop; a rerun resumes
     for part in args.partitions.split(","):
         for i in range(args.seeds):
             if args.cell and args.cell != f"{part}/{i}":
@@ -188,7 +182,7 @@ def main() -> None:
         + ("federations as the in-process plain loop (fedtune/simulations/sequential.py); " if args.loop == "plain"
            else "federations as Flower simulations; ")
         + "partitions: Dirichlet(alpha) over labels with "
-        f"{resolve('default', overrides=base).partition.num_clients} clients, natural = one client per topic group. "
+        f"{cfg.partition.num_clients} clients, natural = one client per topic group. "
         f"Accuracy on a fixed {cfg.data.eval_size or 'whole'}-example slice of the test split; "
         f"up to {args.seeds} run seed(s) per cell (column seeds), mean ± 95% Student-t interval. Centralized = the same adapter on the "
         "clients' training rows pooled, with the same number of optimizer steps (equal passes), from the "
