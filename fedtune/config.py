@@ -161,7 +161,7 @@ class FederationConfig:
     fraction_evaluate: float = 0.3
     min_train_nodes: int = 2
     server_lr: float = 1.0  # server optimiser step on the averaged update (FedOpt, Reddi et al., 2021)
-    server_momentum: float = 0.0  # fedavgm
+    server_momentum: float = 0.9  # fedavgm's beta (Hsu et al., 2019); 0: FedAvg with a server-lr step
     seed: int = 0
     client_cpus: int = 2  # CPU cores per virtual client (Flower's client_resources.num_cpus)
     client_gpus: float = 0.0

@@ -82,3 +82,17 @@ def test_server_step_fedavg_is_the_mean_and_fedavgm_by_hand():
     assert torch.allclose(x1["w"], torch.tensor([0.5]))
     x2 = server_step(cfg, x1, m2, v)  # g = 0.2, v = 0.5 * 0.5 + 0.2 = 0.45, x = 0.5 - 0.45
     assert torch.allclose(x2["w"], torch.tensor([0.05])) and torch.allclose(v["w"], torch.tensor([0.45]))
+
+
+def test_fedavgm_momentum_zero_is_kept_and_the_default_is_flwrs():
+    """server-momentum=0 is FedAvg with a server-lr step (it was silently replaced by 0.9)."""
+    from fedtune.strategies import STRATEGIES
+
+    zero = resolve("tiny", None, {"strategy": "fedavgm", "server-momentum": "0", "server-lr": "2.0"})
+    x, m = {"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])}
+    v: dict = {}
+    x1 = server_step(zero, x, m, v)  # g = 0.5, v = 0.5, x = 1 - 2 * 0.5
+    x2 = server_step(zero, x1, {"w": torch.tensor([-0.5])}, v)  # g = 0.5, v = 0 * 0.5 + 0.5, x = 0 - 2 * 0.5
+    assert torch.allclose(x2["w"], torch.tensor([-1.0]))
+    assert STRATEGIES.get("fedavgm")(zero).server_momentum == 0.0
+    assert STRATEGIES.get("fedavgm")(resolve("tiny", None, {"strategy": "fedavgm"})).server_momentum == 0.9

@@ -40,7 +40,7 @@ def server_step(cfg: RunConfig, state: dict[str, Tensor], mean: dict[str, Tensor
     holds v between rounds."""
     if cfg.federation.strategy == "fedavg":
         return mean
-    beta = cfg.federation.server_momentum or 0.9  # as fedtune.strategies builds FedAvgM
+    beta = cfg.federation.server_momentum
     for k in state:
         g = state[k] - mean[k]
         momentum[k] = beta * momentum[k] + g if k in momentum else g

@@ -75,7 +75,7 @@ def _equal_ranks(cfg: RunConfig, name: str) -> None:
 def _fedavgm(cfg: RunConfig) -> Strategy:
     _equal_ranks(cfg, "fedavgm")
     fed = cfg.federation
-    return FedAvgM(**sampling(cfg), server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum or 0.9)
+    return FedAvgM(**sampling(cfg), server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
 
 
 @STRATEGIES.register("fedadam")
