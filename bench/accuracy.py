@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--stored", action="store_true",
                     help="train nothing: report the runs finished so far (each cell over its finished seeds)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="train the (partition, seed) cells in this many processes at once (a GPU is shared by them)")
+                    help="train the (partition, seed) cells in this many processes at once (a GPU is shared by them; "
+                         "on CPU each process runs client-cpus threads, so keep jobs x client-cpus <= cores)")
     ap.add_argument("--cell", default="", help=argparse.SUPPRESS)  # PARTITION/I: what one --jobs process trains
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
