@@ -84,7 +84,7 @@ def test_server_step_fedavg_is_the_mean_and_fedavgm_by_hand():
     assert torch.allclose(x2["w"], torch.tensor([0.05])) and torch.allclose(v["w"], torch.tensor([0.45]))
 
 
-def test_fedavgm_momentum_zero_is_kept_and_the_default_is_flwrs():
+def test_fedavgm_momentum_zero_is_kept_and_the_default_is_0_9():
     """server-momentum=0 is FedAvg with a server-lr step (it was silently replaced by 0.9)."""
     from fedtune.strategies import STRATEGIES
 

@@ -16,7 +16,7 @@ from fedtune.config import RunConfig
 from fedtune.data import load_dataset
 from fedtune.evaluation import TestEvaluator
 from fedtune.modeling import load_trainable_state, shared_model, trainable_state
-from fedtune.strategies.aggregation import weighted_mean
+from fedtune.strategies.aggregation import momentum_step, weighted_mean
 from fedtune.head_init import clients_head
 from fedtune.training import client_seed, train_local
 
@@ -35,16 +35,11 @@ def fedavg_round(cfg: RunConfig, state: dict[str, Tensor], clients, server_round
 
 def server_step(cfg: RunConfig, state: dict[str, Tensor], mean: dict[str, Tensor],
                 momentum: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The global state after a round. fedavg: the mean. fedavgm (Hsu et al., 2019, as flwr's
-    FedAvgM): v <- beta v + (x - mean) (v = x - mean in round 1), x <- x - server-lr v; ``momentum``
-    holds v between rounds."""
+    """The global state after a round. fedavg: the mean. fedavgm: the server momentum step
+    (fedtune.strategies.aggregation.momentum_step); ``momentum`` holds its velocity between rounds."""
     if cfg.federation.strategy == "fedavg":
         return mean
-    beta = cfg.federation.server_momentum
-    for k in state:
-        g = state[k] - mean[k]
-        momentum[k] = beta * momentum[k] + g if k in momentum else g
-    return {k: state[k] - cfg.federation.server_lr * momentum[k] for k in state}
+    return momentum_step(state, mean, momentum, cfg.federation.server_momentum, cfg.federation.server_lr)
 
 
 def sequential(cfg: RunConfig, progress=print) -> list[dict[str, Any]]:

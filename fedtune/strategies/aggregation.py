@@ -34,3 +34,14 @@ def weighted_mean(states: Sequence[dict[str, Tensor]], weights: Sequence[float])
             acc += s[k].to(torch.float64) * (w / total)
         out[k] = acc.to(states[0][k].dtype)
     return out
+
+
+def momentum_step(state: dict[str, Tensor], mean: dict[str, Tensor], velocity: dict[str, Tensor], beta: float,
+                  lr: float) -> dict[str, Tensor]:
+    """FedAvgM's server step (Hsu et al., 2019; the update flwr's FedAvgM applies): with the
+    pseudo-gradient g = x - mean, v <- beta v + g (v = g in the first round), x <- x - lr v.
+    ``velocity`` holds v between rounds and is updated in place."""
+    for k in state:
+        g = state[k] - mean[k]
+        velocity[k] = beta * velocity[k] + g if k in velocity else g
+    return {k: state[k] - lr * velocity[k] for k in state}
