@@ -226,6 +226,12 @@ def check_task(cfg: RunConfig) -> None:
         raise ConfigError(f"bad value local-loss={cfg.train.local_loss!r} with dp=sample: the local label prior "
                           "makes every example's loss depend on the others, which per-example clipping does not "
                           "bound; use local-loss=ce (client-level dp takes it)")
+    if cfg.train.prior_smoothing > 0 and cfg.train.local_loss == "ce":
+        raise ConfigError(f"bad value prior-smoothing={cfg.train.prior_smoothing}: it mixes the uniform prior into "
+                          "the label prior of local-loss=logit-adjusted; with local-loss=ce there is none")
+    if cfg.train.proximal_mu > 0 and cfg.privacy.dp == "sample":
+        raise ConfigError(f"bad value proximal-mu={cfg.train.proximal_mu} with dp=sample: the proximal term is not "
+                          "a per-example loss, so per-example clipping would not bound it; use proximal-mu=0")
     if m.base_quant != "none" and (why := adapter_kind(m.adapter).base_quant):
         raise ConfigError(f"bad value base-quant={m.base_quant!r}: a quantized base takes LoRA only "
                           f"(adapter={m.adapter!r} {why})")

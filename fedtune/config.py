@@ -129,6 +129,8 @@ class TrainConfig:
     # label prior) (Menon et al., ICLR 2021; FedLC, Zhang et al., ICML 2022): +1.1 points when clients hold
     # disjoint topics; on the default run -1.4 ± 1.7 and a round-1 dip (docs/benchmarks.md "accuracy-reading")
     local_loss: str = "ce"
+    proximal_mu: float = 0.0  # > 0: FedProx's proximal term mu/2 ||w - w_global||^2 in local training
+    prior_smoothing: float = 0.0  # logit-adjusted: weight of the uniform prior mixed into the local one (1 = ce)
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
@@ -148,6 +150,8 @@ class TrainConfig:
         _require(self.head_ridge_scale > 0, "head-ridge-scale", self.head_ridge_scale, "must be > 0")
         _require(self.local_loss in LOCAL_LOSS_CHOICES, "local-loss", self.local_loss,
                  f"must be one of {', '.join(LOCAL_LOSS_CHOICES)}")
+        _require(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, "must be >= 0")
+        _require(0.0 <= self.prior_smoothing <= 1.0, "prior-smoothing", self.prior_smoothing, "must be in [0, 1]")
 
 
 WEIGHT_BOUNDS = catalog.WEIGHT_BOUNDS  # what the validate screen does with an example count above its bound

@@ -104,11 +104,14 @@ class BatchStream:
         return self.enc.collate(idx, self.pad_id)  # the task's own batching (fedtune/tasks.py)
 
 
-def label_log_prior(labels: np.ndarray, num_labels: int) -> Tensor:
-    """[C] log of the label frequencies in ``labels`` (a class absent there: log 1e-6, far below
-    the present classes in the local softmax; cf. FedRS, Li & Zhan, KDD 2021)."""
+def label_log_prior(labels: np.ndarray, num_labels: int, smoothing: float = 0.0) -> Tensor:
+    """[C] log of the label frequencies in ``labels``, mixed with the uniform prior:
+    log((1 - smoothing) * freq + smoothing / C). At smoothing 0 a class absent there gets log 1e-6,
+    far below the present classes in the local softmax (no gradient: cf. FedRS, Li & Zhan, KDD
+    2021); at 1 the offset is constant and the loss is plain cross-entropy."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64)
-    return torch.from_numpy(np.log(np.maximum(counts / max(counts.sum(), 1.0), 1e-6))).float()
+    prior = (1.0 - smoothing) * counts / max(counts.sum(), 1.0) + smoothing / num_labels
+    return torch.from_numpy(np.log(np.maximum(prior, 1e-6))).float()
 
 
 # local-loss -> the offset added to the logits in the training loss (ce: none, the model's own loss)
@@ -122,16 +125,19 @@ def logit_offset(cfg: TrainConfig, model: nn.Module, enc) -> Tensor | None:
     labels of ``enc`` (None for ce: the model's own loss)."""
     if cfg.local_loss == "ce":
         return None
-    return LOGIT_OFFSETS[cfg.local_loss](enc.labels, model.config.num_labels)
+    return LOGIT_OFFSETS[cfg.local_loss](enc.labels, model.config.num_labels, cfg.prior_smoothing)
 
 
 def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: BatchStream, steps: int,
-              offset: Tensor | None = None) -> list[float]:
+              offset: Tensor | None = None, proximal_mu: float = 0.0) -> list[float]:
     """``steps`` optimizer steps; returns the per-step losses. ``offset`` [C]: the loss is the
-    cross-entropy of logits + offset (a logit-adjusted loss) instead of the model's own."""
+    cross-entropy of logits + offset (a logit-adjusted loss) instead of the model's own.
+    ``proximal_mu`` > 0 adds mu/2 * ||w - w_start||^2 over the trainable weights (FedProx: Li et
+    al., MLSys 2020; w_start = the weights this local run began from, the global model)."""
     model.train()  # also what makes transformers apply gradient checkpointing
     where = placement_of(model)
     offset = None if offset is None else offset.to(where.device)
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     losses: list[Tensor] = []
     for _ in range(steps):
         batch = to_device(batches.next(), where.device)
@@ -141,6 +147,8 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, batches: Batc
             else:
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, C]
                 loss = Encoded.loss(logits.float() + offset, batch["labels"])
+        if anchor:
+            loss = loss + 0.5 * proximal_mu * sum(((p.float() - a.float()) ** 2).sum() for p, a in anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -159,7 +167,7 @@ def train_local(model: nn.Module, enc: Encoded, cfg: TrainConfig, seed: int, pad
     torch.manual_seed(seed)  # dropout masks
     opt = make_optimizer(model, cfg)
     losses = run_steps(model, opt, warmup(opt, cfg.warmup_steps), BatchStream(enc, cfg.batch_size, seed, pad_id), steps,
-                       logit_offset(cfg, model, enc))
+                       logit_offset(cfg, model, enc), cfg.proximal_mu)
     return {"train_loss": float(np.mean(losses)), "steps": float(steps)}
 
 

@@ -1,5 +1,5 @@
-"""local-loss=logit-adjusted (Menon et al., 2021; FedLC, Zhang et al., 2022) and the plain
-loop's FedAvgM server step."""
+"""local-loss=logit-adjusted (Menon et al., 2021; FedLC, Zhang et al., 2022) and its prior
+smoothing, FedProx's proximal term (Li et al., 2020), and the plain loop's FedAvgM server step."""
 
 import math
 
@@ -13,7 +13,8 @@ from fedtune.head_init import head_module
 from fedtune.modeling import build_model
 from fedtune.presets import resolve
 from fedtune.simulations.sequential import server_step
-from fedtune.training import LOGIT_OFFSETS, Encoded, label_log_prior, logit_offset, train_local
+from fedtune.training import (LOGIT_OFFSETS, BatchStream, Encoded, label_log_prior, logit_offset, run_steps,
+                              train_local, warmup)
 
 TINY = ModelConfig(model="tiny", lora_rank=4, target_modules=("query", "value"))
 
@@ -30,6 +31,64 @@ def test_label_log_prior_by_hand():
     got = label_log_prior(np.array([0, 0, 1, 2, 2, 2]), 4)
     want = torch.tensor([math.log(1 / 3), math.log(1 / 6), math.log(1 / 2), math.log(1e-6)])
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_prior_smoothing_by_hand():
+    # counts [2, 1, 3, 0] of 6, smoothing 0.2: 0.8 * [1/3, 1/6, 1/2, 0] + 0.2 / 4
+    got = label_log_prior(np.array([0, 0, 1, 2, 2, 2]), 4, smoothing=0.2)
+    want = torch.log(torch.tensor([0.8 / 3 + 0.05, 0.8 / 6 + 0.05, 0.8 / 2 + 0.05, 0.05]))
+    assert torch.allclose(got, want, atol=1e-6)
+    uniform = label_log_prior(np.array([0, 0, 1, 2, 2, 2]), 4, smoothing=1.0)  # a constant offset: plain ce
+    assert torch.allclose(uniform, torch.full((4,), math.log(0.25)))
+    enc = Encoded(tuple(np.arange(3, dtype=np.int64).reshape(3, 1)), np.array([1, 1, 3]))
+    cfg = TrainConfig(local_loss="logit-adjusted", prior_smoothing=0.5)
+    assert torch.allclose(logit_offset(cfg, build_model(TINY, 4), enc), label_log_prior(enc.labels, 4, 0.5))
+
+
+def test_prior_smoothing_and_proximal_mu_refuse_what_they_cannot_do():
+    with pytest.raises(ConfigError, match="prior-smoothing=0.3: .* local-loss=ce"):
+        resolve("default", None, {"prior-smoothing": "0.3"})
+    with pytest.raises(ConfigError, match="prior-smoothing=1.5"):
+        build_config({"prior-smoothing": "1.5"})
+    with pytest.raises(ConfigError, match="proximal-mu=-1"):
+        build_config({"proximal-mu": "-1"})
+    with pytest.raises(ConfigError, match="proximal-mu=0.1 with dp=sample"):
+        resolve("private", None, {"proximal-mu": "0.1"})
+
+
+def _sgd_run(mu: float, steps: int, lr: float = 0.1) -> tuple[dict, dict]:
+    model = build_model(TINY, 4, seed=0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(0)  # dropout masks
+    run_steps(model, opt, warmup(opt, 0), BatchStream(_skewed_client(), 8, 0, 0), steps, None, mu)
+    return start, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_proximal_term_by_hand():
+    """FedProx (Li et al., MLSys 2020): the local loss gains mu/2 ||w - w_start||^2. Under SGD at
+    lr eta the first step is the plain one (w = w_start there); the second step's weights then
+    differ from the plain run's by exactly -eta * mu * (w1 - w_start)."""
+    eta, mu = 0.1, 3.0
+    start, one = _sgd_run(0.0, 1, eta)
+    _, plain = _sgd_run(0.0, 2, eta)
+    _, prox = _sgd_run(mu, 2, eta)
+    moved = sum(float((one[n] - start[n]).abs().sum()) for n in start)
+    assert moved > 0
+    for n in start:
+        assert torch.allclose(prox[n] - plain[n], -eta * mu * (one[n] - start[n]), atol=1e-6), n
+
+
+def test_proximal_term_keeps_a_client_near_the_global_model():
+    def drift(mu: float) -> float:
+        model = build_model(TINY, 4, seed=0)
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        train_local(model, _skewed_client(), TrainConfig(local_steps=8, batch_size=8, proximal_mu=mu), 0, 0)
+        return sum(float((p.detach() - s).norm() ** 2) for p, s in
+                   zip([p for p in model.parameters() if p.requires_grad], start)) ** 0.5
+
+    free, held = drift(0.0), drift(100.0)
+    assert held < 0.5 * free, (free, held)
 
 
 def test_offset_is_none_for_ce_and_the_local_prior_otherwise():

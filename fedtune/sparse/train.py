@@ -43,7 +43,7 @@ def train_sparse(model: nn.Module, enc: Encoded, cfg: RunConfig, seed: int, pad_
         opt = make_optimizer(model, cfg.train)  # the k values per layer at lr, the head at head-lr
         steps = num_local_steps(cfg.train, len(enc))
         losses = run_steps(model, opt, warmup(opt, cfg.train.warmup_steps), batches, steps,
-                           logit_offset(cfg.train, model, enc))
+                           logit_offset(cfg.train, model, enc), cfg.train.proximal_mu)
     finally:
         update = {wire.BASE + n: m.stop() for n, m in layers.items()}
     model.last_update = update
